@@ -1,0 +1,68 @@
+"""The backend protocol (ARCHITECTURE.md "Model backends", a contract) and model-string resolution.
+
+Every stage that runs a model at inference time talks to it through three calls:
+
+- `generate(conversations, params) -> list[str]`: chat generation; returns `len(conversations) * n`
+  strings, grouped by conversation (`out[i * n + j]` is sample j of conversation i).
+- `option_logprobs(prompts, options) -> list[list[float]]`: total log-probability (nats) of each
+  option string as a continuation of each raw-text prompt; options may be several tokens long.
+- `sequence_logprobs(prompts, continuations) -> list[float]`: log p(continuation | prompt), nats.
+
+Model strings: `embedded` (the default SmolLM2-135M-Instruct), a local directory or hub id (`hf`),
+and `openai:URL#model` (an OpenAI-compatible server; issue 8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, Union, runtime_checkable
+
+from ..errors import UserError
+
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+Conversation = Union[str, Sequence[Message]]  # a bare string is one user message
+
+
+@dataclass
+class GenerationParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    n: int = 1  # samples per conversation
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)  # cut the text at the first of these strings
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+
+    def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[str]: ...
+
+    def option_logprobs(self, prompts: Sequence[str], options: Sequence[Sequence[str]]) -> list[list[float]]: ...
+
+    def sequence_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float]: ...
+
+    def render_chat(self, conversation: Conversation, add_generation_prompt: bool = True) -> str: ...
+
+
+def as_messages(conversation: Conversation) -> list[Message]:
+    if isinstance(conversation, str):
+        return [{"role": "user", "content": conversation}]
+    return [dict(m) for m in conversation]
+
+
+def load_backend(model: str, **options) -> Backend:
+    """Resolve a model string to a backend. Options go to the backend (e.g. dtype, batch_size)."""
+    if not isinstance(model, str) or not model.strip():
+        raise UserError("model: empty model string; use `embedded`, a local model directory, a hub id, or openai:URL#model")
+    model = model.strip()
+    if model.startswith("openai:"):
+        raise UserError(f"model {model!r}: the openai backend is not built yet (issue 8); use `embedded` or a local model directory")
+    from .hf import HFBackend
+
+    if model == "embedded":
+        from .embedded import embedded_model_dir
+
+        return HFBackend(str(embedded_model_dir()), name="embedded", **options)
+    return HFBackend(model, **options)

@@ -1,0 +1,441 @@
+"""The `hf` backend: local transformers models on CPU or GPU, with our own batched decode loop.
+
+Why not `model.generate`: on a CPU the prefill of long few-shot prompts costs more than decoding,
+and every critique and label prompt starts with the same few-shot block. This backend
+
+- finds the longest token prefix shared by all prompts of a call, encodes it once, and reuses its KV
+  cache for every batch (`prefix_cache=True`); the layout of a batch row is
+  `[shared prefix][left padding][own suffix][generated tokens]`, with explicit position ids so the
+  padding in the middle is invisible to the model;
+- sorts requests by length into batches (less padding), drops finished rows from the batch;
+- samples each row with its own generator seeded from (seed, prompt, sample index), so results do
+  not depend on batch composition or order (reproducible with a seed, also after a resume);
+- scores all options of a multiple-choice prompt in one forward pass (`option_logprobs`): the
+  options are appended after the prompt and a 4D attention mask lets each option see the prompt and
+  its own earlier tokens only (a "tree" of continuations sharing the prompt's positions).
+
+Weights load from safetensors only and never with `trust_remote_code`. bf16 is used where the
+hardware supports it (`dtype="auto"`), float32 otherwise or on request.
+Departures: no beam search, no repetition penalty; the CUDA static-cache/compiled decode path is
+issue 8 (no GPU was available to verify it here).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import UserError
+from .base import Conversation, GenerationParams, as_messages
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "float32":
+        return torch.float32
+    if dtype == "bfloat16":
+        return torch.bfloat16
+    if dtype == "float16":
+        return torch.float16
+    if dtype != "auto":
+        raise UserError(f"dtype {dtype!r}: use auto, bfloat16, float16 or float32")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+def _lcp(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of token sequences."""
+    if not seqs:
+        return 0
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for i in range(n):
+        t = first[i]
+        if any(s[i] != t for s in seqs):
+            return i
+    return n
+
+
+def _row_seed(seed: int, ids: Sequence[int], sample: int) -> int:
+    h = hashlib.sha256(f"{seed}:{sample}:".encode() + bytes(str(list(ids)), "utf-8")).digest()
+    return int.from_bytes(h[:8], "big") & ((1 << 63) - 1)
+
+
+class HFBackend:
+    """Local transformers causal LM behind the backend protocol (see `base.py`)."""
+
+    def __init__(
+        self,
+        model: str,
+        name: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        batch_size: int = 16,
+        prefix_cache: bool = True,
+        min_prefix_tokens: int = 16,
+        system_prompt: str | None = None,
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.name = name or model
+        self.path = model
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.batch_size = max(1, int(batch_size))
+        self.prefix_cache = prefix_cache
+        self.min_prefix_tokens = min_prefix_tokens
+        # None keeps the chat template's own default system prompt (SmolLM2 injects one);
+        # a string replaces it for conversations that carry no system message.
+        self.system_prompt = system_prompt
+        local = Path(model).expanduser()
+        if not local.exists() and (model.startswith(("/", ".", "~")) or model.count("/") > 1):
+            raise UserError(f"model {model!r}: no such model directory; check the path, or use `embedded`, a hub id, or openai:URL#model")
+        if local.exists() and not (local / "config.json").is_file():
+            raise UserError(f"model {model!r}: directory has no config.json; point to a transformers model directory")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                model, dtype=self.dtype, use_safetensors=True, trust_remote_code=False
+            )
+        except (OSError, ValueError, EnvironmentError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"model {model!r}: cannot load it ({first[:200]}); use `embedded`, a local model directory with "
+                "safetensors weights, a reachable hub id, or openai:URL#model"
+            ) from None
+        self.model.to(self.device).eval()
+        self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+        gen = getattr(self.model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {int(e) for e in eos + [self.tokenizer.eos_token_id] if e is not None}
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids), 0))
+        self._prefix_kv: OrderedDict[tuple, object] = OrderedDict()
+        self.stats = {"prefill_tokens": 0, "prefix_tokens_reused": 0, "generated_tokens": 0}
+
+    # ---------------------------------------------------------------- encoding
+    def render_chat(self, conversation: Conversation, add_generation_prompt: bool = True) -> str:
+        messages = as_messages(conversation)
+        if self.system_prompt is not None and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system_prompt}] + messages
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        # Base models without a chat template: the paper's transcript form.
+        from ..data.loaders import to_transcript
+
+        return "\n\n" + to_transcript(messages) + ("\n\nAssistant:" if add_generation_prompt else "")
+
+    def _encode_chat(self, conversation: Conversation) -> list[int]:
+        return self.tokenizer(self.render_chat(conversation), add_special_tokens=False)["input_ids"]
+
+    def _encode_text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def _check_length(self, ids: Sequence[int], index: int, what: str = "prompt") -> None:
+        if len(ids) >= self.max_positions:
+            raise UserError(
+                f"{what} {index} is {len(ids)} tokens, longer than the context of {self.name} "
+                f"({self.max_positions} tokens); shorten it or use a model with a longer context"
+            )
+
+    # ---------------------------------------------------------------- shared prefix
+    def _split_prefix(self, seqs: Sequence[Sequence[int]]) -> int:
+        """How many leading tokens all `seqs` share and will be encoded once (0 when not worth it)."""
+        if not self.prefix_cache or len(seqs) < 2:
+            return 0
+        p = min(_lcp(seqs), min(len(s) for s in seqs) - 1)  # every row keeps >= 1 own token
+        return p if p >= self.min_prefix_tokens else 0
+
+    @torch.no_grad()
+    def _prefix_cache(self, prefix: tuple[int, ...]):
+        """KV cache of `prefix` (batch 1), computed once and kept in a small LRU."""
+        hit = self._prefix_kv.get(prefix)
+        if hit is not None:
+            self._prefix_kv.move_to_end(prefix)
+            return hit
+        ids = torch.tensor([prefix], device=self.device)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        self.stats["prefill_tokens"] += len(prefix)
+        self._prefix_kv[prefix] = out.past_key_values
+        while len(self._prefix_kv) > 4:
+            self._prefix_kv.popitem(last=False)
+        return out.past_key_values
+
+    def _batch_cache(self, prefix: tuple[int, ...], batch: int):
+        if not prefix:
+            return None
+        self.stats["prefix_tokens_reused"] += len(prefix) * batch
+        cache = copy.deepcopy(self._prefix_cache(prefix))
+        cache.batch_repeat_interleave(batch)
+        return cache
+
+    def _mask_value(self) -> float:
+        return torch.finfo(self.dtype).min
+
+    # ---------------------------------------------------------------- generation
+    def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[str]:
+        texts = []
+        for ids in self.generate_ids(conversations, params):
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            texts.append(_cut_at_stop(text, params.stop).strip())
+        return texts
+
+    @torch.no_grad()
+    def generate_ids(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[list[int]]:
+        """Generated token ids (without the eos token), `len(conversations) * n` lists."""
+        if params.n < 1 or params.max_new_tokens < 1:
+            raise UserError(f"generation: n and max_new_tokens must be >= 1 (got n={params.n}, max_new_tokens={params.max_new_tokens})")
+        if params.temperature < 0 or not 0 < params.top_p <= 1:
+            raise UserError(f"generation: temperature must be >= 0 and top_p in (0, 1] (got {params.temperature}, {params.top_p})")
+        encoded = [self._encode_chat(c) for c in conversations]
+        for i, ids in enumerate(encoded):
+            self._check_length(ids, i)
+        requests = [(i * params.n + j, ids, _row_seed(params.seed, ids, j)) for i, ids in enumerate(encoded) for j in range(params.n)]
+        outputs: list[list[int]] = [[] for _ in requests]
+        if not requests:
+            return outputs
+        p = self._split_prefix(encoded)
+        prefix = tuple(encoded[0][:p])
+        order = sorted(requests, key=lambda r: -len(r[1]))
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            for (slot, _, _), ids in zip(batch, self._generate_batch(prefix, batch, params)):
+                outputs[slot] = ids
+        return outputs
+
+    def _generate_batch(self, prefix: tuple[int, ...], batch, params: GenerationParams) -> list[list[int]]:
+        dev, P, B = self.device, len(prefix), len(batch)
+        suffixes = [ids[P:] for _, ids, _ in batch]
+        L = max(len(s) for s in suffixes)
+        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        valid = torch.zeros((B, P + L), dtype=torch.bool)
+        valid[:, :P] = True
+        for r, s in enumerate(suffixes):
+            input_ids[r, L - len(s) :] = torch.tensor(s)
+            valid[r, P + L - len(s) :] = True
+        # Positions count only real tokens: the padding between prefix and suffix takes no position.
+        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = pos[:, P:]
+        # 4D additive mask for the prefill: causal, real keys only, and every query sees itself
+        # (a padding query with no visible key would produce NaNs that leak through its values).
+        q_idx = torch.arange(L)[:, None] + P
+        k_idx = torch.arange(P + L)[None, :]
+        allowed = (k_idx <= q_idx)[None] & valid[:, None, :]
+        allowed |= (k_idx == q_idx)[None]
+        mask = torch.zeros((B, 1, L, P + L), dtype=self.dtype)
+        mask.masked_fill_(~allowed[:, None], self._mask_value())
+        cache = self._batch_cache(prefix, B)
+        out = self.model(
+            input_ids=input_ids.to(dev),
+            attention_mask=mask.to(dev),
+            position_ids=position_ids.to(dev),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.stats["prefill_tokens"] += int(sum(len(s) for s in suffixes))
+        cache = out.past_key_values
+        logits = out.logits[:, -1, :].float()
+        max_new = min(params.max_new_tokens, self.max_positions - (P + L))
+        gens = [torch.Generator().manual_seed(seed) for _, _, seed in batch]
+        generated: list[list[int]] = [[] for _ in range(B)]
+        active = list(range(B))  # batch rows still generating, in cache order
+        attn2d = valid.clone()
+        next_pos = pos[:, -1] + 1
+        for step in range(max_new):
+            tokens = self._sample(logits, [gens[r] for r in active], params)
+            keep = []
+            for k, r in enumerate(active):
+                t = int(tokens[k])
+                if t in self.eos_ids:
+                    continue
+                generated[r].append(t)
+                if params.stop and self._hit_stop(generated[r], params.stop):
+                    continue
+                keep.append(k)
+            self.stats["generated_tokens"] += len(active)
+            if not keep or step == max_new - 1:
+                break
+            if len(keep) < len(active):
+                idx = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(idx)
+                attn2d = attn2d[torch.tensor(keep)]
+                next_pos = next_pos[torch.tensor(keep)]
+                tokens = tokens[torch.tensor(keep)]
+                active = [active[k] for k in keep]
+            attn2d = torch.cat([attn2d, torch.ones((len(active), 1), dtype=torch.bool)], dim=1)
+            out = self.model(
+                input_ids=tokens[:, None].to(dev),
+                attention_mask=attn2d.long().to(dev),
+                position_ids=next_pos[:, None].to(dev),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :].float()
+            next_pos = next_pos + 1
+        return generated
+
+    def _hit_stop(self, ids: list[int], stops: list[str]) -> bool:
+        tail = self.tokenizer.decode(ids[-32:], skip_special_tokens=True)
+        return any(s in tail for s in stops)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, gens: list[torch.Generator], params: GenerationParams) -> torch.Tensor:
+        """One token per row. logits: (rows, vocab) float32 on the model device."""
+        if params.temperature == 0:
+            return logits.argmax(-1).cpu()
+        probs = torch.softmax(logits / params.temperature, dim=-1).cpu()
+        if params.top_p < 1.0:
+            sorted_p, sorted_i = probs.sort(dim=-1, descending=True)
+            cum = sorted_p.cumsum(-1)
+            drop = cum - sorted_p > params.top_p  # keep the smallest set whose mass reaches top_p
+            sorted_p[drop] = 0
+            probs = torch.zeros_like(probs).scatter_(-1, sorted_i, sorted_p)
+        return torch.stack([torch.multinomial(probs[k], 1, generator=g)[0] for k, g in enumerate(gens)])
+
+    # ---------------------------------------------------------------- scoring
+    def _option_ids(self, prompt_ids: list[int], prompt: str, option: str, where: str) -> list[int]:
+        """Token ids of `option` as a continuation of `prompt`, checked to round-trip."""
+        if not option:
+            raise UserError(f"{where}: empty option string; options must contain text")
+        full = self._encode_text(prompt + option)
+        if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
+            ids = full[len(prompt_ids) :]
+        else:  # the tokenizer merged across the boundary: score the option's own tokens
+            ids = self.tokenizer(option, add_special_tokens=False)["input_ids"]
+        unk = self.tokenizer.unk_token_id
+        decoded = self.tokenizer.decode(ids, skip_special_tokens=False)
+        if not ids or (unk is not None and unk in ids and self.tokenizer.unk_token not in option) or decoded.strip() != option.strip():
+            raise UserError(
+                f"{where}: option {option!r} cannot be expressed by the tokenizer of {self.name} "
+                f"(it round-trips to {decoded!r}); use options made of characters the tokenizer knows"
+            )
+        return ids
+
+    @torch.no_grad()
+    def option_logprobs(self, prompts: Sequence[str], options: Sequence[Sequence[str]]) -> list[list[float]]:
+        """log p(option | prompt) summed over the option's tokens, for every option of every prompt.
+
+        prompts: N raw-text prompts; options: N lists of option strings. One forward per prompt
+        (batched): [prompt][option 1]...[option k] with a tree attention mask.
+        """
+        if len(prompts) != len(options):
+            raise ValueError("prompts and options differ in length")
+        rows = []
+        for i, (prompt, opts) in enumerate(zip(prompts, options)):
+            if not opts:
+                raise UserError(f"prompt {i}: no options to score")
+            p_ids = self._encode_text(prompt)
+            o_ids = [self._option_ids(p_ids, prompt, o, f"prompt {i} option {j}") for j, o in enumerate(opts)]
+            self._check_length(p_ids + [t for o in o_ids for t in o], i, "prompt with its options")
+            rows.append((i, p_ids, o_ids))
+        results: list[list[float]] = [[] for _ in prompts]
+        if not rows:
+            return results
+        p = self._split_prefix([r[1] for r in rows])
+        prefix = tuple(rows[0][1][:p])
+        order = sorted(rows, key=lambda r: -(len(r[1]) + sum(len(o) for o in r[2])))
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            for (i, _, _), scores in zip(batch, self._score_batch(prefix, batch)):
+                results[i] = scores
+        return results
+
+    def sequence_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:
+        """log p(continuation | prompt) in nats, one per pair."""
+        return [s[0] for s in self.option_logprobs(prompts, [[c] for c in continuations])]
+
+    def _score_batch(self, prefix: tuple[int, ...], batch) -> list[list[float]]:
+        dev, P, B = self.device, len(prefix), len(batch)
+        seqs, positions, trees = [], [], []
+        for _, p_ids, o_ids in batch:
+            own = list(p_ids[P:])
+            n = len(own)
+            seq, pos, group = own[:], list(range(P, P + n)), [-1] * n
+            for k, o in enumerate(o_ids):
+                seq += o
+                pos += list(range(P + n, P + n + len(o)))
+                group += [k] * len(o)
+            seqs.append(seq)
+            positions.append(pos)
+            trees.append((n, group, o_ids))
+        T = max(len(s) for s in seqs)
+        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        position_ids = torch.zeros((B, T), dtype=torch.long)
+        allowed = torch.zeros((B, T, P + T), dtype=torch.bool)
+        allowed[:, :, :P] = True
+        for r, (seq, pos, (n, group, _)) in enumerate(zip(seqs, positions, trees)):
+            m = len(seq)
+            input_ids[r, :m] = torch.tensor(seq)
+            position_ids[r, :m] = torch.tensor(pos)
+            g = torch.tensor(group)
+            idx = torch.arange(m)
+            causal = idx[None, :] <= idx[:, None]
+            # prompt keys are visible to everyone; option keys only to later tokens of the same option
+            same = (g[None, :] == -1) | (g[None, :] == g[:, None])
+            allowed[r, :m, P : P + m] = causal & same
+            allowed[r, m:, P:] = torch.eye(T, dtype=torch.bool)[m:]  # padding rows see themselves
+        mask = torch.zeros((B, 1, T, P + T), dtype=self.dtype)
+        mask.masked_fill_(~allowed[:, None], self._mask_value())
+        cache = self._batch_cache(prefix, B)
+        out = self.model(
+            input_ids=input_ids.to(dev),
+            attention_mask=mask.to(dev),
+            position_ids=position_ids.to(dev),
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        self.stats["prefill_tokens"] += int(sum(len(s) for s in seqs))
+        logp = torch.log_softmax(out.logits.float(), dim=-1).cpu()
+        results = []
+        for r, (n, group, o_ids) in enumerate(trees):
+            scores, start = [], n
+            for o in o_ids:
+                # token t of this option is predicted by the previous token in its own branch
+                preds = [n - 1] + list(range(start, start + len(o) - 1))
+                if n == 0:
+                    raise RuntimeError("prompt suffix is empty; _split_prefix keeps one token per row")
+                scores.append(float(sum(logp[r, q, t] for q, t in zip(preds, o))))
+                start += len(o)
+            results.append(scores)
+        return results
+
+    def brute_force_option_logprobs(self, prompt: str, options: Sequence[str]) -> list[float]:
+        """Reference for tests: each option scored in its own plain forward pass, no cache, no mask tricks."""
+        p_ids = self._encode_text(prompt)
+        out = []
+        for j, o in enumerate(options):
+            o_ids = self._option_ids(p_ids, prompt, o, f"option {j}")
+            ids = torch.tensor([p_ids + o_ids], device=self.device)
+            with torch.no_grad():
+                logp = torch.log_softmax(self.model(input_ids=ids).logits.float(), dim=-1)[0].cpu()
+            out.append(float(sum(logp[len(p_ids) - 1 + t, tok] for t, tok in enumerate(o_ids))))
+        return out
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    cut = len(text)
+    for s in stops or ():
+        i = text.find(s)
+        if i != -1:
+            cut = min(cut, i)
+    return text[:cut]
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

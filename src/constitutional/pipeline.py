@@ -1,0 +1,134 @@
+"""Running stages: one stage (`cai <stage>`), a pipeline YAML (`cai run`), and `cai quickstart`.
+
+A pipeline YAML has top-level settings (`run_dir`, `seed`, `model`, `stages`) and one section per
+stage. `seed` and `model` are defaults for every stage whose config has those fields. Each stage
+runs under the run directory's lock, is skipped when it already finished with the same resolved
+config (unless `--force`), and records its status, timings and summary in the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from . import stages
+from .config import build, config_hash, load_yaml, merge, opt, parse_overrides, to_dict
+from .errors import UserError
+from .run import RunDir
+
+
+@dataclass
+class PipelineConfig:
+    run_dir: str = opt("runs/default", "run directory")
+    seed: int = opt(0, "random seed, the default for every stage")
+    model: str = opt("embedded", "model string, the default for every stage that takes a model")
+    stages: list[str] = opt([], "stages to run, in order")
+
+
+def split_pipeline(data: dict, source: str) -> tuple[PipelineConfig, dict[str, dict]]:
+    """Top-level settings and per-stage sections of a pipeline mapping."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping with run_dir, seed, model, stages and stage sections")
+    top = {k: v for k, v in data.items() if k not in stages.BY_NAME}
+    sections = {k: v for k, v in data.items() if k in stages.BY_NAME}
+    for name, sec in sections.items():
+        if sec is not None and not isinstance(sec, dict):
+            raise UserError(f"{source}: section {name!r} must be a mapping of settings")
+    pipe = build(PipelineConfig, top, source)
+    for name in pipe.stages:
+        if name not in stages.BY_NAME:
+            raise UserError(f"{source}: stages lists unknown stage {name!r}; known stages: {', '.join(stages.BY_NAME)}")
+    return pipe, {k: v or {} for k, v in sections.items()}
+
+
+def stage_config(name: str, section: dict, pipe: PipelineConfig, source: str):
+    module = stages.load(name)
+    info = stages.BY_NAME[name]
+    if module is None:
+        raise UserError(f"{source}: stage {name!r} is not built yet (issue {info.issue}); remove it from stages")
+    fields = {f.name for f in dataclasses.fields(module.Config)}
+    defaults = {k: getattr(pipe, k) for k in ("seed", "model") if k in fields}
+    return module, build(module.Config, merge(defaults, section), f"{source}: {name}")
+
+
+def run_stage(name: str, module, cfg, run_dir: RunDir, force: bool) -> dict | None:
+    """Run one stage unless it already finished with this config. Returns its summary."""
+    resolved = to_dict(cfg)
+    if not run_dir.begin(name, resolved, config_hash(cfg), getattr(cfg, "seed", None), force=force):
+        summary = run_dir.stage_status(name).get("summary")
+        print(f"[{name}] already done with this config, skipped (use --force to rerun)", file=sys.stderr)
+        return summary
+    try:
+        summary = module.run(cfg, run_dir)
+    except BaseException as e:
+        run_dir.fail(name, f"{type(e).__name__}: {e}")
+        raise
+    run_dir.finish(name, summary)
+    secs = run_dir.stage_status(name).get("seconds")
+    print(f"[{name}] done in {secs}s: {json.dumps(summary, ensure_ascii=False)}", file=sys.stderr)
+    return summary
+
+
+def cmd_stage(args) -> int:
+    info = stages.BY_NAME[args.command]
+    if stages.load(args.command) is None:
+        raise UserError(f"cai {args.command}: this stage is not built yet (issue {info.issue}); `cai --help` shows what is built")
+    data = load_yaml(args.config) if args.config else {}
+    source = args.config or "defaults"
+    pipe, sections = split_pipeline(data, source)
+    over = parse_overrides(args.set)
+    # `--set key=v` addresses this stage; `--set stage.key=v` works too.
+    section = merge(sections.get(args.command, {}), over.pop(args.command, {}) if isinstance(over.get(args.command), dict) else {})
+    section = merge(section, over)
+    module, cfg = stage_config(args.command, section, pipe, f"{source} --set" if args.set else source)
+    run_dir = RunDir(args.run_dir)
+    with run_dir.locked():
+        run_stage(args.command, module, cfg, run_dir, args.force)
+    return 0
+
+
+def _run_pipeline(data: dict, source: str, overrides: list[str], run_dir_arg: str | None, force: bool, skip_unbuilt: bool) -> int:
+    data = merge(data or {}, parse_overrides(overrides))
+    pipe, sections = split_pipeline(data, source)
+    if not pipe.stages:
+        raise UserError(f"{source}: stages is empty; list the stages to run, e.g. stages: [revise, sft]")
+    planned, missing = [], []
+    for name in pipe.stages:
+        if stages.load(name) is None:
+            if not skip_unbuilt:
+                raise UserError(f"{source}: stage {name!r} is not built yet (issue {stages.BY_NAME[name].issue}); remove it from stages")
+            missing.append(name)
+            continue
+        planned.append((name, *stage_config(name, sections.get(name, {}), pipe, source)))
+    run_dir = RunDir(run_dir_arg or pipe.run_dir)
+    with run_dir.locked():
+        run_dir.manifest["pipeline"] = {"source": source, "stages": pipe.stages, "seed": pipe.seed, "model": pipe.model}
+        run_dir.save()
+        for name, module, cfg in planned:
+            run_stage(name, module, cfg, run_dir, force)
+    if missing:
+        print(
+            "not built yet, skipped: " + ", ".join(f"{m} (issue {stages.BY_NAME[m].issue})" for m in missing),
+            file=sys.stderr,
+        )
+    print(f"run directory: {run_dir.path}", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args) -> int:
+    return _run_pipeline(load_yaml(args.config), args.config, args.set, args.run_dir, args.force, skip_unbuilt=False)
+
+
+def quickstart_config_path() -> Path:
+    return Path(str(resources.files("constitutional") / "data" / "quickstart.yaml"))
+
+
+def cmd_quickstart(args) -> int:
+    path = quickstart_config_path()
+    return _run_pipeline(load_yaml(path), "quickstart", args.set, args.run_dir, args.force, skip_unbuilt=True)

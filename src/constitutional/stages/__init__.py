@@ -1,0 +1,42 @@
+"""Pipeline stages, in data-flow order (ARCHITECTURE.md "Data flow").
+
+Each built stage is a module with a typed `Config` dataclass and `run(config, run_dir) -> summary`.
+`STAGES` also lists the stages that are not built yet and the issue that builds them, so the CLI can
+show every subcommand and say plainly what is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    name: str  # CLI subcommand and run-directory folder
+    module: str | None  # constitutional.stages.<module>, None while not built
+    issue: int  # the issue that builds it
+    help: str
+
+
+STAGES = [
+    StageInfo("baseline", "baseline", 2, "measure the starting model: answers to red-team prompts, multiple-choice accuracy and position bias"),
+    StageInfo("redteam", None, 3, "generate more red-team prompts from seed prompts (few-shot)"),
+    StageInfo("revise", None, 3, "critique -> revision rounds on red-team prompts (SL-CAI data)"),
+    StageInfo("sft", None, 3, "fine-tune on the revisions mixed with helpful samples (SL-CAI model)"),
+    StageInfo("sample", None, 4, "sample two responses per prompt from the SL-CAI model"),
+    StageInfo("label", None, 4, "AI-feedback preference labels from a feedback model and the constitution"),
+    StageInfo("train-pm", None, 4, "train the preference model on the soft labels"),
+    StageInfo("rl", None, 5, "RL-CAI: optimise the policy against the preference model with a KL penalty"),
+    StageInfo("distill", None, 6, "context distillation: fine-tune without the context C to match p(y|C,x)"),
+    StageInfo("eval", None, 7, "harmlessness, helpfulness, PM calibration, position bias, truthfulness"),
+    StageInfo("report", None, 7, "the HTML report of a run directory"),
+]
+
+BY_NAME = {s.name: s for s in STAGES}
+
+
+def load(name: str):
+    """The stage module for `name`, or None when that stage is not built yet."""
+    info = BY_NAME[name]
+    return importlib.import_module(f"constitutional.stages.{info.module}") if info.module else None
