@@ -12,7 +12,7 @@ import sys
 
 from . import __version__
 from .errors import UserError
-from .stages import BY_NAME, STAGES
+from .stages import STAGES
 
 
 class _Parser(argparse.ArgumentParser):

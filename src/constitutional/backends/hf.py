@@ -184,8 +184,24 @@ class HFBackend:
         cache.batch_repeat_interleave(batch)
         return cache
 
-    def _mask_value(self) -> float:
-        return torch.finfo(self.dtype).min
+    def _masked_forward(self, prefix: tuple[int, ...], input_ids, allowed, position_ids, **kwargs):
+        """Forward `input_ids` (B, T) after the cached `prefix` with a custom attention pattern.
+
+        allowed: (B, T, P + T) bool, True where a query may attend to a key; it becomes the
+        additive 4D mask (0 / dtype-min) that transformers passes to attention as given.
+        """
+        B, T = input_ids.shape
+        mask = torch.zeros((B, 1, T, allowed.shape[-1]), dtype=self.dtype)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(self.dtype).min)
+        cache = self._batch_cache(prefix, B)
+        return self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=position_ids.to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+            **kwargs,
+        )
 
     # ---------------------------------------------------------------- generation
     def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[str]:
@@ -237,17 +253,7 @@ class HFBackend:
         k_idx = torch.arange(P + L)[None, :]
         allowed = (k_idx <= q_idx)[None] & valid[:, None, :]
         allowed |= (k_idx == q_idx)[None]
-        mask = torch.zeros((B, 1, L, P + L), dtype=self.dtype)
-        mask.masked_fill_(~allowed[:, None], self._mask_value())
-        cache = self._batch_cache(prefix, B)
-        out = self.model(
-            input_ids=input_ids.to(dev),
-            attention_mask=mask.to(dev),
-            position_ids=position_ids.to(dev),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        out = self._masked_forward(prefix, input_ids, allowed, position_ids, logits_to_keep=1)
         self.stats["prefill_tokens"] += int(sum(len(s) for s in suffixes))
         cache = out.past_key_values
         logits = out.logits[:, -1, :].float()
@@ -362,7 +368,7 @@ class HFBackend:
         return [s[0] for s in self.option_logprobs(prompts, [[c] for c in continuations])]
 
     def _score_batch(self, prefix: tuple[int, ...], batch) -> list[list[float]]:
-        dev, P, B = self.device, len(prefix), len(batch)
+        P, B = len(prefix), len(batch)
         seqs, positions, trees = [], [], []
         for _, p_ids, o_ids in batch:
             own = list(p_ids[P:])
@@ -391,16 +397,7 @@ class HFBackend:
             same = (g[None, :] == -1) | (g[None, :] == g[:, None])
             allowed[r, :m, P : P + m] = causal & same
             allowed[r, m:, P:] = torch.eye(T, dtype=torch.bool)[m:]  # padding rows see themselves
-        mask = torch.zeros((B, 1, T, P + T), dtype=self.dtype)
-        mask.masked_fill_(~allowed[:, None], self._mask_value())
-        cache = self._batch_cache(prefix, B)
-        out = self.model(
-            input_ids=input_ids.to(dev),
-            attention_mask=mask.to(dev),
-            position_ids=position_ids.to(dev),
-            past_key_values=cache,
-            use_cache=cache is not None,
-        )
+        out = self._masked_forward(prefix, input_ids, allowed, position_ids)
         self.stats["prefill_tokens"] += int(sum(len(s) for s in seqs))
         logp = torch.log_softmax(out.logits.float(), dim=-1).cpu()
         results = []
