@@ -84,8 +84,10 @@ def cmd_stage(args) -> int:
     pipe, sections = split_pipeline(data, source)
     over = parse_overrides(args.set)
     # `--set key=v` addresses this stage; `--set stage.key=v` works too.
-    section = merge(sections.get(args.command, {}), over.pop(args.command, {}) if isinstance(over.get(args.command), dict) else {})
-    section = merge(section, over)
+    scoped = over.pop(args.command, {})
+    if not isinstance(scoped, dict):
+        raise UserError(f"--set {args.command}=...: expected {args.command}.key=value")
+    section = merge(merge(sections.get(args.command, {}), over), scoped)
     module, cfg = stage_config(args.command, section, pipe, f"{source} --set" if args.set else source)
     run_dir = RunDir(args.run_dir)
     with run_dir.locked():

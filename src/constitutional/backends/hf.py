@@ -397,21 +397,26 @@ class HFBackend:
             same = (g[None, :] == -1) | (g[None, :] == g[:, None])
             allowed[r, :m, P : P + m] = causal & same
             allowed[r, m:, P:] = torch.eye(T, dtype=torch.bool)[m:]  # padding rows see themselves
-        out = self._masked_forward(prefix, input_ids, allowed, position_ids)
+        # Logits only where an option token is predicted: the last prompt token and each option's
+        # tokens but its last (the full (B, T, vocab) tensor would be GBs for long prompts).
+        preds = []
+        for n, _, o_ids in trees:
+            if n == 0:
+                raise RuntimeError("prompt suffix is empty; _split_prefix keeps one token per row")
+            row, start = [], n
+            for o in o_ids:
+                row.append([n - 1] + list(range(start, start + len(o) - 1)))
+                start += len(o)
+            preds.append(row)
+        keep = sorted({q for row in preds for opt in row for q in opt})
+        col = {q: k for k, q in enumerate(keep)}
+        out = self._masked_forward(prefix, input_ids, allowed, position_ids, logits_to_keep=torch.tensor(keep, device=self.device))
         self.stats["prefill_tokens"] += int(sum(len(s) for s in seqs))
         logp = torch.log_softmax(out.logits.float(), dim=-1).cpu()
-        results = []
-        for r, (n, group, o_ids) in enumerate(trees):
-            scores, start = [], n
-            for o in o_ids:
-                # token t of this option is predicted by the previous token in its own branch
-                preds = [n - 1] + list(range(start, start + len(o) - 1))
-                if n == 0:
-                    raise RuntimeError("prompt suffix is empty; _split_prefix keeps one token per row")
-                scores.append(float(sum(logp[r, q, t] for q, t in zip(preds, o))))
-                start += len(o)
-            results.append(scores)
-        return results
+        return [
+            [float(sum(logp[r, col[q], t] for q, t in zip(opt_preds, o))) for opt_preds, o in zip(row, o_ids)]
+            for r, (row, (_, _, o_ids)) in enumerate(zip(preds, trees))
+        ]
 
     def brute_force_option_logprobs(self, prompt: str, options: Sequence[str]) -> list[float]:
         """Reference for tests: each option scored in its own plain forward pass, no cache, no mask tricks."""
