@@ -184,7 +184,7 @@ class HFBackend:
         cache.batch_repeat_interleave(batch)
         return cache
 
-    def _masked_forward(self, prefix: tuple[int, ...], input_ids, allowed, position_ids, **kwargs):
+    def _masked_forward(self, prefix: tuple[int, ...], input_ids, allowed, position_ids, use_cache: bool, **kwargs):
         """Forward `input_ids` (B, T) after the cached `prefix` with a custom attention pattern.
 
         allowed: (B, T, P + T) bool, True where a query may attend to a key; it becomes the
@@ -199,7 +199,7 @@ class HFBackend:
             attention_mask=mask.to(self.device),
             position_ids=position_ids.to(self.device),
             past_key_values=cache,
-            use_cache=True,
+            use_cache=use_cache,
             **kwargs,
         )
 
@@ -253,7 +253,7 @@ class HFBackend:
         k_idx = torch.arange(P + L)[None, :]
         allowed = (k_idx <= q_idx)[None] & valid[:, None, :]
         allowed |= (k_idx == q_idx)[None]
-        out = self._masked_forward(prefix, input_ids, allowed, position_ids, logits_to_keep=1)
+        out = self._masked_forward(prefix, input_ids, allowed, position_ids, use_cache=True, logits_to_keep=1)
         self.stats["prefill_tokens"] += int(sum(len(s) for s in suffixes))
         cache = out.past_key_values
         logits = out.logits[:, -1, :].float()
@@ -410,7 +410,9 @@ class HFBackend:
             preds.append(row)
         keep = sorted({q for row in preds for opt in row for q in opt})
         col = {q: k for k, q in enumerate(keep)}
-        out = self._masked_forward(prefix, input_ids, allowed, position_ids, logits_to_keep=torch.tensor(keep, device=self.device))
+        # scoring reads the prefix cache but needs no new one
+        keep_t = torch.tensor(keep, device=self.device)
+        out = self._masked_forward(prefix, input_ids, allowed, position_ids, use_cache=False, logits_to_keep=keep_t)
         self.stats["prefill_tokens"] += int(sum(len(s) for s in seqs))
         logp = torch.log_softmax(out.logits.float(), dim=-1).cpu()
         return [
