@@ -68,3 +68,53 @@ def tiny_backend(tiny_model_dir):
     from constitutional.backends.hf import HFBackend
 
     return HFBackend(str(tiny_model_dir), dtype="float32", batch_size=4, min_prefix_tokens=4)
+
+
+class ScriptedBackend:
+    """The backend protocol with scripted answers, for tests of a stage's control flow.
+
+    reply(messages, sample_index) -> str gives each generated text (a `Completion`; `truncated`
+    is set when the text ends with "[cut]", which is removed); score(prompt, options) -> list of
+    log-probabilities gives `option_logprobs`. Every call is recorded in `calls`.
+    """
+
+    name = "scripted"
+
+    def __init__(self, reply=None, score=None):
+        self.reply = reply or (lambda messages, j: f"answer {j}")
+        self.score = score or (lambda prompt, options: [0.0 for _ in options])
+        self.calls: list[tuple[str, object]] = []
+
+    def generate(self, conversations, params):
+        from constitutional.backends.base import Completion, as_messages
+
+        out = []
+        for conv in conversations:
+            messages = as_messages(conv)
+            self.calls.append(("generate", messages))
+            for j in range(params.n):
+                text = self.reply(messages, j)
+                cut = text.endswith("[cut]")
+                out.append(Completion(text[: -len("[cut]")].strip() if cut else text, truncated=cut))
+        return out
+
+    def option_logprobs(self, prompts, options):
+        self.calls.append(("option_logprobs", list(prompts)))
+        return [list(self.score(p, o)) for p, o in zip(prompts, options)]
+
+    def sequence_logprobs(self, prompts, continuations):
+        return [0.0 for _ in prompts]
+
+    def render_chat(self, conversation, add_generation_prompt=True):
+        from constitutional.backends.base import as_messages
+        from constitutional.data.loaders import to_transcript
+
+        messages = as_messages(conversation)
+        prefill = add_generation_prompt and messages and messages[-1]["role"] == "assistant"
+        return "\n\n" + to_transcript(messages) + ("\n\nAssistant:" if add_generation_prompt and not prefill else "")
+
+
+@pytest.fixture
+def scripted():
+    """The `ScriptedBackend` class (build one per test with its own reply/score functions)."""
+    return ScriptedBackend

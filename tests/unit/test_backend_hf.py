@@ -164,3 +164,26 @@ def test_invalid_generation_params(tiny_backend):
 def test_missing_model_dir_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no config.json"):
         HFBackend(str(tmp_path))
+
+
+def test_assistant_prefill_is_continued(tiny_backend):
+    conv = [{"role": "user", "content": "Which is better?"}, {"role": "assistant", "content": "Let's think step-by-step:"}]
+    text = tiny_backend.render_chat(conv)
+    assert text.endswith("<|im_start|>assistant\nLet's think step-by-step:")
+    assert not text.endswith("<|im_end|>\n")
+    # without a prefill the generation prompt opens a fresh assistant turn
+    assert tiny_backend.render_chat(conv[:1]).endswith("<|im_start|>assistant\n")
+
+
+def test_completion_reports_truncation(tiny_backend):
+    from constitutional.backends import Completion
+
+    params = GenerationParams(max_new_tokens=6, temperature=1.0, seed=3)
+    ids = tiny_backend.generate_ids(["Hello there"], params)[0]
+    out = tiny_backend.generate(["Hello there"], params)[0]
+    assert isinstance(out, Completion) and isinstance(out, str)
+    assert len(ids) == 6 and out.truncated  # the random model used the whole budget
+    raw = tiny_backend.tokenizer.decode(ids, skip_special_tokens=True)
+    stop = next(c for c in raw if c.strip())
+    cut = tiny_backend.generate(["Hello there"], GenerationParams(max_new_tokens=6, temperature=1.0, seed=3, stop=[stop]))[0]
+    assert not cut.truncated and stop not in cut  # a stop string ends the text: not truncated

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from constitutional.cli import main
+from constitutional.errors import UserError
 from constitutional.pipeline import quickstart_config_path
 from constitutional.run import read_jsonl
 
@@ -66,3 +69,21 @@ def test_quickstart_skips_unbuilt_stages_and_names_them(tmp_path, tiny_model_dir
     err = capsys.readouterr().err
     assert "not built yet, skipped: revise (issue 3)" in err
     assert json.loads((tmp_path / "q" / "manifest.json").read_text())["stages"]["baseline"]["status"] == "done"
+
+
+def test_resolve_model_prefers_this_runs_trained_model(tmp_path, tiny_model_dir):
+    import shutil
+
+    from constitutional.backends.base import model_path
+    from constitutional.run import RunDir
+    from constitutional.stages import resolve_model
+
+    rd = RunDir(tmp_path / "run")
+    assert resolve_model("auto", rd) == "embedded"
+    assert resolve_model("some/model", rd) == "some/model"
+    shutil.copytree(tiny_model_dir, tmp_path / "run" / "sft" / "model")
+    assert resolve_model("auto", rd) == str(tmp_path / "run" / "sft" / "model")
+    assert resolve_model("auto", rd, prefer=("rl",)) == "embedded"
+    assert model_path(str(tiny_model_dir)) == str(tiny_model_dir)
+    with pytest.raises(UserError, match="cannot be fine-tuned"):
+        model_path("openai:http://localhost:8000/v1#m")

@@ -3,7 +3,10 @@
 Every stage that runs a model at inference time talks to it through three calls:
 
 - `generate(conversations, params) -> list[str]`: chat generation; returns `len(conversations) * n`
-  strings, grouped by conversation (`out[i * n + j]` is sample j of conversation i).
+  strings, grouped by conversation (`out[i * n + j]` is sample j of conversation i). Backends return
+  `Completion` strings, which also say whether the text was cut by `max_new_tokens`
+  (`.truncated`). A conversation that ends with an assistant message is continued from that
+  message's text (a prefill), e.g. to sample reasoning after "Let's think step-by-step:".
 - `option_logprobs(prompts, options) -> list[list[float]]`: total log-probability (nats) of each
   option string as a continuation of each raw-text prompt; options may be several tokens long.
 - `sequence_logprobs(prompts, continuations) -> list[float]`: log p(continuation | prompt), nats.
@@ -31,6 +34,18 @@ class GenerationParams:
     n: int = 1  # samples per conversation
     seed: int = 0
     stop: list[str] = field(default_factory=list)  # cut the text at the first of these strings
+
+
+class Completion(str):
+    """Generated text; `truncated` is True when generation stopped at `max_new_tokens` (or the
+    context end) rather than at an end-of-turn token or a stop string."""
+
+    truncated: bool = False
+
+    def __new__(cls, text: str, truncated: bool = False):
+        obj = super().__new__(cls, text)
+        obj.truncated = truncated
+        return obj
 
 
 @runtime_checkable
@@ -66,3 +81,17 @@ def load_backend(model: str, **options) -> Backend:
 
         return HFBackend(str(embedded_model_dir()), name="embedded", **options)
     return HFBackend(model, **options)
+
+
+def model_path(model: str) -> str:
+    """The local directory or hub id that transformers/TRL load for a model string (training stages)."""
+    model = (model or "").strip()
+    if model.startswith("openai:"):
+        raise UserError(f"model {model!r}: a server model cannot be fine-tuned here; give a local model directory, a hub id or `embedded`")
+    if model == "embedded":
+        from .embedded import embedded_model_dir
+
+        return str(embedded_model_dir())
+    if not model:
+        raise UserError("model: empty model string; use `embedded`, a local model directory or a hub id")
+    return model

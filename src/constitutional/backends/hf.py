@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 
 from ..errors import UserError
-from .base import Conversation, GenerationParams, as_messages
+from .base import Completion, Conversation, GenerationParams, as_messages
 
 
 def cpu_supports_bf16() -> bool:
@@ -133,12 +133,16 @@ class HFBackend:
         messages = as_messages(conversation)
         if self.system_prompt is not None and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}] + messages
+        # A conversation ending with an assistant message is continued from its text (a prefill).
+        prefill = add_generation_prompt and bool(messages) and messages[-1]["role"] == "assistant"
         if getattr(self.tokenizer, "chat_template", None):
+            if prefill:
+                return self.tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         # Base models without a chat template: the paper's transcript form.
         from ..data.loaders import to_transcript
 
-        return "\n\n" + to_transcript(messages) + ("\n\nAssistant:" if add_generation_prompt else "")
+        return "\n\n" + to_transcript(messages) + ("\n\nAssistant:" if add_generation_prompt and not prefill else "")
 
     def _encode_chat(self, conversation: Conversation) -> list[int]:
         return self.tokenizer(self.render_chat(conversation), add_special_tokens=False)["input_ids"]
@@ -204,16 +208,21 @@ class HFBackend:
         )
 
     # ---------------------------------------------------------------- generation
-    def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[str]:
+    def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
         texts = []
-        for ids in self.generate_ids(conversations, params):
+        for ids, ended in self._generate(conversations, params):
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            texts.append(_cut_at_stop(text, params.stop).strip())
+            cut = _cut_at_stop(text, params.stop)
+            texts.append(Completion(cut.strip(), truncated=not ended and cut == text))
         return texts
 
-    @torch.no_grad()
     def generate_ids(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[list[int]]:
         """Generated token ids (without the eos token), `len(conversations) * n` lists."""
+        return [ids for ids, _ in self._generate(conversations, params)]
+
+    @torch.no_grad()
+    def _generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[tuple[list[int], bool]]:
+        """(token ids, ended) per sample; ended is False when max_new_tokens or the context ran out."""
         if params.n < 1 or params.max_new_tokens < 1:
             raise UserError(f"generation: n and max_new_tokens must be >= 1 (got n={params.n}, max_new_tokens={params.max_new_tokens})")
         if params.temperature < 0 or not 0 < params.top_p <= 1:
@@ -222,7 +231,7 @@ class HFBackend:
         for i, ids in enumerate(encoded):
             self._check_length(ids, i)
         requests = [(i * params.n + j, ids, _row_seed(params.seed, ids, j)) for i, ids in enumerate(encoded) for j in range(params.n)]
-        outputs: list[list[int]] = [[] for _ in requests]
+        outputs: list[tuple[list[int], bool]] = [([], True) for _ in requests]
         if not requests:
             return outputs
         p = self._split_prefix(encoded)
@@ -230,11 +239,11 @@ class HFBackend:
         order = sorted(requests, key=lambda r: -len(r[1]))
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            for (slot, _, _), ids in zip(batch, self._generate_batch(prefix, batch, params)):
-                outputs[slot] = ids
+            for (slot, _, _), out in zip(batch, self._generate_batch(prefix, batch, params)):
+                outputs[slot] = out
         return outputs
 
-    def _generate_batch(self, prefix: tuple[int, ...], batch, params: GenerationParams) -> list[list[int]]:
+    def _generate_batch(self, prefix: tuple[int, ...], batch, params: GenerationParams) -> list[tuple[list[int], bool]]:
         dev, P, B = self.device, len(prefix), len(batch)
         suffixes = [ids[P:] for _, ids, _ in batch]
         L = max(len(s) for s in suffixes)
@@ -260,6 +269,7 @@ class HFBackend:
         max_new = min(params.max_new_tokens, self.max_positions - (P + L))
         gens = [torch.Generator().manual_seed(seed) for _, _, seed in batch]
         generated: list[list[int]] = [[] for _ in range(B)]
+        ended = [False] * B  # stopped by eos or a stop string
         active = list(range(B))  # batch rows still generating, in cache order
         attn2d = valid.clone()
         next_pos = pos[:, -1] + 1
@@ -269,9 +279,11 @@ class HFBackend:
             for k, r in enumerate(active):
                 t = int(tokens[k])
                 if t in self.eos_ids:
+                    ended[r] = True
                     continue
                 generated[r].append(t)
                 if params.stop and self._hit_stop(generated[r], params.stop):
+                    ended[r] = True
                     continue
                 keep.append(k)
             self.stats["generated_tokens"] += len(active)
@@ -295,7 +307,7 @@ class HFBackend:
             cache = out.past_key_values
             logits = out.logits[:, -1, :].float()
             next_pos = next_pos + 1
-        return generated
+        return list(zip(generated, ended))
 
     def _hit_stop(self, ids: list[int], stops: list[str]) -> bool:
         tail = self.tokenizer.decode(ids[-32:], skip_special_tokens=True)

@@ -36,6 +36,18 @@ STAGES = [
 BY_NAME = {s.name: s for s in STAGES}
 
 
+def resolve_model(spec: str, run_dir, prefer: tuple[str, ...] = ("sft",)) -> str:
+    """A stage's model string: `auto` means the model trained by this run's `prefer` stages (first
+    one whose `<run>/<stage>/model` exists), else `embedded`; any other string is used as given."""
+    if spec != "auto":
+        return spec
+    for stage in prefer:
+        path = run_dir.path / stage / "model"
+        if (path / "config.json").is_file():
+            return str(path)
+    return "embedded"
+
+
 def load(name: str):
     """The stage module for `name`, or None when that stage is not built yet."""
     info = BY_NAME[name]
