@@ -122,9 +122,9 @@ def test_sequence_logprobs(tiny_backend):
 
 def test_prompt_longer_than_context_is_a_user_error(tiny_backend):
     with pytest.raises(UserError, match="longer than the context"):
-        tiny_backend.generate(["bread " * 600], GenerationParams(max_new_tokens=2))
+        tiny_backend.generate(["bread " * 5000], GenerationParams(max_new_tokens=2))
     with pytest.raises(UserError, match="longer than the context"):
-        tiny_backend.option_logprobs(["bread " * 600], [[" (A)"]])
+        tiny_backend.option_logprobs(["bread " * 5000], [[" (A)"]])
 
 
 def test_empty_option_is_a_user_error(tiny_backend):

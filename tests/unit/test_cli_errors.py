@@ -24,7 +24,7 @@ def _files(tmp_path):
     f["unknown_stage"] = tmp_path / "stage.yaml"
     f["unknown_stage"].write_text("stages: [baseline, critique]\n")
     f["unbuilt"] = tmp_path / "unbuilt.yaml"
-    f["unbuilt"].write_text("stages: [baseline, sft]\n")
+    f["unbuilt"].write_text("stages: [baseline, distill]\n")
     f["empty_stages"] = tmp_path / "empty.yaml"
     f["empty_stages"].write_text("run_dir: x\n")
     f["bad_jsonl"] = tmp_path / "bad.jsonl"
@@ -34,7 +34,7 @@ def _files(tmp_path):
     f["dup_prompts"] = tmp_path / "dup.jsonl"
     f["dup_prompts"].write_text('{"id": "1", "prompt": "a"}\n{"id": "1", "prompt": "b"}\n')
     f["long_prompt"] = tmp_path / "long.txt"
-    f["long_prompt"].write_text("bread " * 700 + "\n")
+    f["long_prompt"].write_text("bread " * 5000 + "\n")
     f["ok_prompts"] = tmp_path / "ok.txt"
     f["ok_prompts"].write_text("How do I bake bread?\n")
     f["bad_mc"] = tmp_path / "mc.jsonl"
@@ -58,7 +58,9 @@ def catalog(tmp_path, tiny):
         "unknown stage": (["run", str(f["unknown_stage"])], "unknown stage 'critique'"),
         "unbuilt stage in a pipeline": (["run", str(f["unbuilt"])], "not built yet"),
         "empty stage list": (["run", str(f["empty_stages"])], "stages is empty"),
-        "unbuilt stage command": (["sft", "--run-dir", rd], "not built yet"),
+        "unbuilt stage command": (["distill", "--run-dir", rd], "not built yet"),
+        "sft before revise": (["sft", "--run-dir", rd], "run `cai revise` first"),
+        "revise with a missing prompt set": (["revise", "--run-dir", rd, "--set", "prompts=builtin:redteam+run:redteam"], "run `cai redteam` first"),
         "bad --set syntax": (base + ["--set", "limit"], "expected key=value"),
         "wrong value type": (base + ["--set", "limit=many"], "expected an integer"),
         "unknown flag": (["baseline", "--frobnicate"], "unrecognized arguments"),

@@ -34,6 +34,10 @@ class GenerationParams:
     n: int = 1  # samples per conversation
     seed: int = 0
     stop: list[str] = field(default_factory=list)  # cut the text at the first of these strings
+    # > 1 discourages repeating tokens already generated in this sample (CTRL-style: a positive
+    # logit is divided by it, a negative one multiplied); the prompt is not penalised, so few-shot
+    # text stays usable. Small models at low temperature loop without it.
+    repetition_penalty: float = 1.0
 
 
 class Completion(str):

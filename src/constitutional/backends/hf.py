@@ -225,8 +225,11 @@ class HFBackend:
         """(token ids, ended) per sample; ended is False when max_new_tokens or the context ran out."""
         if params.n < 1 or params.max_new_tokens < 1:
             raise UserError(f"generation: n and max_new_tokens must be >= 1 (got n={params.n}, max_new_tokens={params.max_new_tokens})")
-        if params.temperature < 0 or not 0 < params.top_p <= 1:
-            raise UserError(f"generation: temperature must be >= 0 and top_p in (0, 1] (got {params.temperature}, {params.top_p})")
+        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.repetition_penalty <= 0:
+            raise UserError(
+                f"generation: temperature must be >= 0, top_p in (0, 1] and repetition_penalty > 0 "
+                f"(got {params.temperature}, {params.top_p}, {params.repetition_penalty})"
+            )
         encoded = [self._encode_chat(c) for c in conversations]
         for i, ids in enumerate(encoded):
             self._check_length(ids, i)
@@ -274,6 +277,8 @@ class HFBackend:
         attn2d = valid.clone()
         next_pos = pos[:, -1] + 1
         for step in range(max_new):
+            if params.repetition_penalty != 1.0:
+                logits = _penalise_repeats(logits, [generated[r] for r in active], params.repetition_penalty)
             tokens = self._sample(logits, [gens[r] for r in active], params)
             keep = []
             for k, r in enumerate(active):
@@ -443,6 +448,17 @@ class HFBackend:
                 logp = torch.log_softmax(self.model(input_ids=ids).logits.float(), dim=-1)[0].cpu()
             out.append(float(sum(logp[len(p_ids) - 1 + t, tok] for t, tok in enumerate(o_ids))))
         return out
+
+
+def _penalise_repeats(logits: torch.Tensor, generated: list[list[int]], penalty: float) -> torch.Tensor:
+    """logits: (rows, vocab); each row's already generated tokens get the repetition penalty."""
+    logits = logits.clone()
+    for k, ids in enumerate(generated):
+        if ids:
+            idx = torch.tensor(sorted(set(ids)), device=logits.device)
+            vals = logits[k, idx]
+            logits[k, idx] = torch.where(vals > 0, vals / penalty, vals * penalty)
+    return logits
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> str:

@@ -21,9 +21,9 @@ class StageInfo:
 
 STAGES = [
     StageInfo("baseline", "baseline", 2, "measure the starting model: answers to red-team prompts, multiple-choice accuracy and position bias"),
-    StageInfo("redteam", None, 3, "generate more red-team prompts from seed prompts (few-shot)"),
-    StageInfo("revise", None, 3, "critique -> revision rounds on red-team prompts (SL-CAI data)"),
-    StageInfo("sft", None, 3, "fine-tune on the revisions mixed with helpful samples (SL-CAI model)"),
+    StageInfo("redteam", "redteam", 3, "generate more red-team prompts from seed prompts (few-shot)"),
+    StageInfo("revise", "revise", 3, "critique -> revision rounds on red-team prompts (SL-CAI data)"),
+    StageInfo("sft", "sft", 3, "fine-tune on the revisions mixed with helpful samples (SL-CAI model)"),
     StageInfo("sample", None, 4, "sample two responses per prompt from the SL-CAI model"),
     StageInfo("label", None, 4, "AI-feedback preference labels from a feedback model and the constitution"),
     StageInfo("train-pm", None, 4, "train the preference model on the soft labels"),
@@ -46,6 +46,34 @@ def resolve_model(spec: str, run_dir, prefer: tuple[str, ...] = ("sft",)) -> str
         if (path / "config.json").is_file():
             return str(path)
     return "embedded"
+
+
+def load_prompt_sets(spec: str, run_dir, split: str = "all", limit: int = 0) -> list:
+    """Prompts from one or more sets joined by '+' (e.g. `builtin:redteam+run:redteam`).
+
+    `run:<stage>` is `<run>/<stage>/prompts.jsonl` of this run (e.g. `cai redteam`'s output).
+    `split` (train, test or all) filters each set; `limit` (0 = all) caps each set.
+    """
+    from ..data.loaders import load_prompts
+    from ..errors import UserError
+
+    if split not in ("train", "test", "all"):
+        raise UserError(f"split {split!r}: use train, test or all")
+    out, seen = [], set()
+    for part in [p.strip() for p in spec.split("+") if p.strip()]:
+        path = part
+        if part.startswith("run:"):
+            path = run_dir.path / part[4:] / "prompts.jsonl"
+            if not path.is_file():
+                raise UserError(f"{part}: {path} does not exist; run `cai {part[4:]}` first or drop {part!r} from the prompt sets")
+        for p in load_prompts(path, limit=limit or None, split=None if split == "all" else split):
+            if p.id in seen:
+                raise UserError(f"{part}: prompt id {p.id!r} also appears in an earlier prompt set; ids must be unique across sets")
+            seen.add(p.id)
+            out.append(p)
+    if not out:
+        raise UserError(f"{spec!r}: no prompt sets given")
+    return out
 
 
 def load(name: str):

@@ -1,0 +1,115 @@
+"""Cleaning of generated critiques and revisions (SL-CAI data quality).
+
+Small models do not follow the critique -> revision pattern reliably (paper Section 3: the
+revisions of small models are worse; our embedded 135M model often copies its critique into its
+"revision"). Every generated text goes through `clean()`, which first repairs what can be repaired
+and then names what is still wrong:
+
+Repairs (the text is kept, the repair is counted):
+- `label_stripped`: a leading template label such as "Revision:" or "Critique:" is removed;
+- `debris_cut`: the text is cut where template debris starts (a role tag such as "Human:",
+  "<|im_start|>", or a "CritiqueRequest"/"Revision Request" line): the model began to play the
+  next turn of the pattern itself.
+
+Problems (the stage retries the generation, then drops the round; see `stages/revise.py`):
+- `empty`: nothing (or fewer than `MIN_WORDS` words) left;
+- `truncated`: a revision or response that hit `max_new_tokens` (an SFT target that stops
+  mid-sentence teaches the model to stop mid-sentence); a truncated critique is kept, since its
+  first sentences still say what to change;
+- `echo_request`: the text mostly repeats the critique or revision request;
+- `echo_critique`: a revision that mostly repeats its critique, or talks about "the assistant's
+  response" in the third person or opens with "The response ..." (a critique, not a rewritten answer);
+- `echo_prompt`: a revision that mostly repeats the human's request.
+
+"Mostly repeats" is `containment(text, source) >= ECHO_THRESHOLD`: the share of the text's word
+trigrams (words for texts shorter than three words) that also occur in the source.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+MIN_WORDS = 2
+ECHO_THRESHOLD = 0.5
+
+_LABEL = re.compile(
+    r"^\s*(?:\*\*)?(?:revision|revised response|critique|critique request|revision request|response|assistant|answer)"
+    r"\s*(?:\*\*)?\s*:\s*(?:\*\*)?",
+    re.IGNORECASE,
+)
+_DEBRIS = re.compile(
+    r"(?:<\|im_start\|>|<\|im_end\|>|<\|endoftext\|>|(?:^|\n)\s*(?:Human|User|H)\s*:|"
+    r"(?:^|\n)\s*(?:Assistant|A)\s*:|Critique\s?Request\s*:|Revision\s?Request\s*:|"
+    r"(?:^|\n)\s*(?:Critique|Revision)\s*:)",
+    re.IGNORECASE,
+)
+_THIRD_PERSON = re.compile(
+    r"\bthe assistant'?s?\b(?:\s+(?:last|most recent|previous|original))?\s+response\b"
+    r"|^\s*(?:the|this|that|your)\s+(?:(?:last|most recent|previous|original|initial)\s+)?(?:response|answer|reply)\b",
+    re.IGNORECASE,
+)
+
+PROBLEMS = ("empty", "truncated", "echo_request", "echo_critique", "echo_prompt")
+REPAIRS = ("label_stripped", "debris_cut")
+
+
+@dataclass
+class Cleaned:
+    text: str
+    problem: str | None = None  # one of PROBLEMS, None when the text is usable
+    repairs: list[str] = field(default_factory=list)  # REPAIRS applied
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def containment(text: str, source: str) -> float:
+    """Share of `text`'s word trigrams (or words, for texts under three words) found in `source`."""
+    t, s = words(text), words(source)
+    n = 3 if len(t) >= 3 else 1
+    grams = [tuple(t[i : i + n]) for i in range(len(t) - n + 1)]
+    if not grams:
+        return 0.0
+    have = {tuple(s[i : i + n]) for i in range(len(s) - n + 1)}
+    return sum(g in have for g in grams) / len(grams)
+
+
+def repair(text: str) -> tuple[str, list[str]]:
+    """Strip a leading label and cut at template debris. Returns (text, repairs applied)."""
+    done: list[str] = []
+    text = text.strip()
+    stripped = _LABEL.sub("", text, count=1)
+    if stripped != text:
+        done.append("label_stripped")
+        text = stripped.strip()
+    m = _DEBRIS.search(text)
+    if m:
+        done.append("debris_cut")
+        text = text[: m.start()].strip()
+    return text, done
+
+
+def clean(text: str, truncated: bool = False, *, kind: str, requests: tuple[str, ...] = (), critique: str = "", prompt: str = "") -> Cleaned:
+    """Repair and check one generated text. kind: "critique", "revision", or "response" (a plain
+    answer: only the empty and truncated checks apply)."""
+    if kind not in ("critique", "revision", "response"):
+        raise ValueError(kind)
+    fixed, repairs = repair(text)
+    out = Cleaned(fixed, None, repairs)
+    if len(words(fixed)) < MIN_WORDS:
+        out.problem = "empty"
+    elif truncated and kind != "critique" and "debris_cut" not in repairs:
+        out.problem = "truncated"
+    elif kind == "response":
+        pass
+    elif any(r and containment(fixed, r) >= ECHO_THRESHOLD for r in requests):
+        out.problem = "echo_request"
+    elif kind == "revision" and (
+        (critique and containment(fixed, critique) >= ECHO_THRESHOLD) or _THIRD_PERSON.search(fixed)
+    ):
+        out.problem = "echo_critique"
+    elif kind == "revision" and prompt and len(words(prompt)) >= 5 and containment(fixed, prompt) >= ECHO_THRESHOLD:
+        out.problem = "echo_prompt"
+    return out
