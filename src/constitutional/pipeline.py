@@ -25,7 +25,7 @@ from .run import RunDir
 class PipelineConfig:
     run_dir: str = opt("runs/default", "run directory")
     seed: int = opt(0, "random seed, the default for every stage")
-    model: str = opt("embedded", "model string, the default for every stage that takes a model")
+    model: str = opt("embedded", "the starting model: the default for every stage that takes a model (stages whose model is auto use this run's trained model, else this one)")
     stages: list[str] = opt([], "stages to run, in order")
 
 
@@ -52,8 +52,10 @@ def stage_config(name: str, section: dict, pipe: PipelineConfig, source: str):
     info = stages.BY_NAME[name]
     if module is None:
         raise UserError(f"{source}: stage {name!r} is not built yet (issue {info.issue}); remove it from stages")
-    fields = {f.name for f in dataclasses.fields(module.Config)}
-    defaults = {k: getattr(pipe, k) for k in ("seed", "model") if k in fields}
+    fields = {f.name: f.default for f in dataclasses.fields(module.Config)}
+    # `model` is the run's starting model; a stage whose model defaults to `auto` (this run's
+    # trained model, see stages.resolve_model) keeps that default.
+    defaults = {k: getattr(pipe, k) for k in ("seed", "model") if k in fields and fields[k] != "auto"}
     return module, build(module.Config, merge(defaults, section), f"{source}: {name}")
 
 

@@ -84,6 +84,36 @@ def test_resolve_model_prefers_this_runs_trained_model(tmp_path, tiny_model_dir)
     shutil.copytree(tiny_model_dir, tmp_path / "run" / "sft" / "model")
     assert resolve_model("auto", rd) == str(tmp_path / "run" / "sft" / "model")
     assert resolve_model("auto", rd, prefer=("rl",)) == "embedded"
+    rd.manifest["pipeline"] = {"model": "some/base"}
+    assert resolve_model("auto", rd, prefer=("rl",)) == "some/base"
     assert model_path(str(tiny_model_dir)) == str(tiny_model_dir)
     with pytest.raises(UserError, match="cannot be fine-tuned"):
         model_path("openai:http://localhost:8000/v1#m")
+
+
+def test_pipeline_model_is_not_injected_into_auto_models(tmp_path):
+    from dataclasses import dataclass
+
+    from constitutional.config import opt
+    from constitutional.pipeline import PipelineConfig, stage_config
+
+    @dataclass
+    class Config:
+        model: str = opt("auto", "x")
+        seed: int = opt(0, "x")
+
+    class Module:
+        pass
+
+    Module.Config = Config
+    import constitutional.stages as st
+
+    orig = st.load
+    st.load = lambda name: Module
+    try:
+        _, cfg = stage_config("sft", {}, PipelineConfig(model="m", seed=3), "test")
+        assert cfg.model == "auto" and cfg.seed == 3
+        _, cfg = stage_config("sft", {"model": "x"}, PipelineConfig(model="m", seed=3), "test")
+        assert cfg.model == "x"
+    finally:
+        st.load = orig

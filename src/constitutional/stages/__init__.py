@@ -24,9 +24,9 @@ STAGES = [
     StageInfo("redteam", "redteam", 3, "generate more red-team prompts from seed prompts (few-shot)"),
     StageInfo("revise", "revise", 3, "critique -> revision rounds on red-team prompts (SL-CAI data)"),
     StageInfo("sft", "sft", 3, "fine-tune on the revisions mixed with helpful samples (SL-CAI model)"),
-    StageInfo("sample", None, 4, "sample two responses per prompt from the SL-CAI model"),
-    StageInfo("label", None, 4, "AI-feedback preference labels from a feedback model and the constitution"),
-    StageInfo("train-pm", None, 4, "train the preference model on the soft labels"),
+    StageInfo("sample", "sample", 4, "sample two responses per prompt from the SL-CAI model"),
+    StageInfo("label", "label", 4, "AI-feedback preference labels from a feedback model and the constitution"),
+    StageInfo("train-pm", "preference", 4, "train the preference model on the soft labels"),
     StageInfo("rl", None, 5, "RL-CAI: optimise the policy against the preference model with a KL penalty"),
     StageInfo("distill", None, 6, "context distillation: fine-tune without the context C to match p(y|C,x)"),
     StageInfo("eval", None, 7, "harmlessness, helpfulness, PM calibration, position bias, truthfulness"),
@@ -38,14 +38,15 @@ BY_NAME = {s.name: s for s in STAGES}
 
 def resolve_model(spec: str, run_dir, prefer: tuple[str, ...] = ("sft",)) -> str:
     """A stage's model string: `auto` means the model trained by this run's `prefer` stages (first
-    one whose `<run>/<stage>/model` exists), else `embedded`; any other string is used as given."""
+    one whose `<run>/<stage>/model` exists), else the run's starting model (the pipeline's `model`
+    recorded in the manifest), else `embedded`; any other string is used as given."""
     if spec != "auto":
         return spec
     for stage in prefer:
         path = run_dir.path / stage / "model"
         if (path / "config.json").is_file():
             return str(path)
-    return "embedded"
+    return run_dir.manifest.get("pipeline", {}).get("model") or "embedded"
 
 
 def load_prompt_sets(spec: str, run_dir, split: str = "all", limit: int = 0) -> list:

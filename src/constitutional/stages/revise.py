@@ -127,7 +127,8 @@ def _generate_clean(backend, convs, params, retries, counts, kind, checks) -> li
         for i, text in zip(todo, texts):
             truncated = bool(getattr(text, "truncated", False))
             c = clean(text, truncated, kind=kind, **checks[i])
-            counts[f"{kind}/truncated_kept"] += truncated and c.problem is None
+            if kind == "critique":  # a truncated critique is kept (cleaning.py); count how often
+                counts["critique/truncated_kept"] += truncated and c.problem is None
             for r in c.repairs:
                 counts[f"{kind}/{r}"] += 1
             if c.problem:

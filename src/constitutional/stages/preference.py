@@ -1,0 +1,330 @@
+"""`cai train-pm`: train the preference model (PM) on the AI-feedback soft labels.
+
+Bai et al. 2022 (Constitutional AI) §4.1: "the harmlessness comparisons ... mixed with helpfulness
+comparisons ... train a preference model", whose score is the RL stage's reward. Input: the `label`
+stage's `<run>/label/preferences.jsonl` (`id, prompt, messages, chosen, rejected, p_chosen, split`),
+optionally mixed with helpfulness comparisons from a JSONL file (`prompt` as text or messages,
+`chosen`, `rejected`, optional `p_chosen`, default 1). Training is `trl.RewardTrainer` with the
+soft-label loss of `preference_model.py`; it resumes from the latest checkpoint after a crash.
+
+Written under `<run>/train-pm/`:
+- `model/`: the PM as a transformers directory (safetensors, tokenizer, config with pad_token_id,
+  README.md card), written to a temp folder and renamed; load it with `PreferenceModel.from_pretrained`;
+- `loss.json`: the trainer's log history (loss, accuracy, margin, rewards per logged step);
+- `metrics.json`: held-out agreement with the labeler and calibration (comparisons on test-split
+  prompts and a `heldout` share of the others, by a hash of the id, are never trained on), and PM accuracy on the multiple-choice comparison set (the paper's
+  "PM accuracy on HHH comparisons"): score(question, correct) > score(question, incorrect).
+
+Departures from the paper: the paper pretrains PMs (PMP) and mixes in human helpfulness labels at
+scale; here the PM starts from the SL-CAI (or given) model with a fresh scalar head, and helpfulness
+comparisons are whatever file `helpful` names (none by default). Helpful comparisons are all used for
+training (none held out). Comparisons longer than `max_length` tokens are skipped, as TRL does, and
+counted in the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import opt
+from ..data.loaders import parse_transcript, split_of
+from ..errors import UserError
+from ..run import RunDir, atomic_write_json, atomic_write_text
+from . import resolve_model
+
+STAGE = "train-pm"
+
+
+@dataclass
+class Config:
+    model: str = opt("auto", "base model: auto (this run's SL-CAI model, else embedded), a local model directory or a hub id")
+    preferences: str = opt("", "preference comparisons JSONL; empty = this run's label/preferences.jsonl")
+    helpful: str = opt("", "helpfulness comparisons JSONL mixed into training (prompt, chosen, rejected, optional p_chosen); empty = none")
+    epochs: float = opt(1.0, "passes over the training comparisons (ignored when max_steps > 0)")
+    max_steps: int = opt(0, "optimizer steps (0 = run `epochs` epochs)")
+    learning_rate: float = opt(5e-5, "AdamW learning rate (linear decay)")
+    batch_size: int = opt(4, "comparisons per device per step (each is two sequences); also the scoring batch")
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    max_length: int = opt(512, "skip comparisons whose chosen or rejected sequence is longer than this many tokens")
+    dtype: str = opt("auto", "auto (bf16 mixed precision where the hardware has it), bfloat16, float16 or float32")
+    save_steps: int = opt(50, "checkpoint every this many steps for resume (0 = no checkpoints)")
+    heldout: float = opt(0.2, "share of comparisons held out for evaluation (by a hash of the id), besides those on test-split prompts")
+    mc: str = opt("builtin:mc", "comparison set for PM accuracy (items with question/correct_response/incorrect_response); empty = skip")
+    seed: int = opt(0, "random seed (head initialisation, data order)")
+
+
+@dataclass
+class Comparison:
+    id: str
+    messages: list  # the conversation up to the response, chat messages
+    chosen: str
+    rejected: str
+    p_chosen: float
+    split: str
+
+
+def _messages(value, where: str) -> list[dict]:
+    if isinstance(value, str) and value.strip():
+        messages = parse_transcript(value) or [{"role": "user", "content": value}]
+    elif isinstance(value, list) and value and all(
+        isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str) for m in value
+    ):
+        messages = [{"role": m["role"], "content": m["content"]} for m in value]
+    else:
+        raise UserError(f"{where}: prompt must be non-empty text or a non-empty list of {{role, content}} messages")
+    # An HH-RLHF style prompt ends with an empty "Assistant:" turn: the response fills it.
+    while len(messages) > 1 and messages[-1]["role"] == "assistant" and not messages[-1]["content"].strip():
+        messages.pop()
+    return messages
+
+
+def _response(value, where: str) -> str:
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
+        value = value[-1].get("content")  # TRL's form: [{"role": "assistant", "content": ...}]
+    if not isinstance(value, str):
+        raise UserError(f"{where}: expected the response text (or [{{role: assistant, content}}])")
+    return value
+
+
+def read_comparisons(path: Path, default_p: float | None = None) -> list[Comparison]:
+    """Comparisons from a JSONL file; every malformed line is a one-line `UserError` naming it.
+
+    `p_chosen` is required unless `default_p` is given; `split` defaults to the hash of the id.
+    """
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    out, seen = [], set()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{i}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: malformed JSON line ({e.msg}); fix or remove it") from None
+        if not isinstance(rec, dict):
+            raise UserError(f"{where}: expected an object with prompt, chosen, rejected, p_chosen")
+        missing = [k for k in ("chosen", "rejected") if k not in rec]
+        if missing or ("messages" not in rec and "prompt" not in rec):
+            raise UserError(f"{where}: missing field {(missing or ['prompt'])[0]!r}; expected prompt (or messages), chosen, rejected, p_chosen")
+        messages = _messages(rec["messages"] if "messages" in rec else rec["prompt"], f"{where} (prompt)")
+        p = rec.get("p_chosen", default_p)
+        if p is None:
+            raise UserError(f"{where}: missing field 'p_chosen' (the labeler's probability that chosen is better)")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0.0 <= p <= 1.0:
+            raise UserError(f"{where} (p_chosen): {p!r} is not a probability in [0, 1]")
+        rid = str(rec.get("id", f"{path.stem}-{i:05d}"))
+        if rid in seen:
+            raise UserError(f"{where}: duplicate id {rid!r}; ids must be unique")
+        seen.add(rid)
+        split = rec.get("split") if rec.get("split") in ("train", "test") else split_of(rid)
+        out.append(Comparison(rid, messages, _response(rec["chosen"], f"{where} (chosen)"), _response(rec["rejected"], f"{where} (rejected)"), float(p), split))
+    return out
+
+
+def _mc_pairs(spec: str) -> list:
+    from ..data.loaders import load_mc
+
+    items = [it for it in load_mc(spec) if {"question", "correct_response", "incorrect_response"} <= set(it.meta)]
+    if not items:
+        raise UserError(f"{spec}: no items with question, correct_response and incorrect_response; set train-pm.mc to such a set or to \"\" to skip")
+    return items
+
+
+def _mc_metrics(pm, items) -> dict:
+    prompts = [it.meta["question"] for it in items]
+    scores = pm.score(prompts * 2, [it.meta["correct_response"] for it in items] + [it.meta["incorrect_response"] for it in items])
+    right = [scores[i] > scores[len(items) + i] for i in range(len(items))]
+    by_subset: dict[str, list[bool]] = {}
+    for it, ok in zip(items, right):
+        by_subset.setdefault(it.subset or "all", []).append(ok)
+    return {
+        "count": len(items),
+        "accuracy": sum(right) / len(right),
+        "accuracy_by_subset": {k: sum(v) / len(v) for k, v in sorted(by_subset.items())},
+    }
+
+
+def _heldout_metrics(pm, heldout: list[Comparison]) -> dict:
+    from ..preference_model import calibration
+
+    if not heldout:
+        return {"count": 0, "accuracy": None, "ece": None, "bins": [], "note": "no held-out comparisons (raise train-pm.heldout or label more pairs)"}
+    scores = pm.score([c.messages for c in heldout] * 2, [c.chosen for c in heldout] + [c.rejected for c in heldout])
+    n = len(heldout)
+    return calibration(scores[:n], scores[n:], [c.p_chosen for c in heldout])
+
+
+def _card(base: str, counts: dict, cfg: Config, steps: int, metrics: dict) -> str:
+    held, mc = metrics["heldout"], metrics.get("mc")
+    lines = [
+        "# Preference model (`cai train-pm`)",
+        "",
+        "A Constitutional AI preference model (Bai et al. 2022, §4.1): the base model with a scalar head,",
+        "trained on AI-feedback soft labels p_chosen with loss -[p·log σ(r_c - r_r) + (1 - p)·log σ(r_r - r_c)].",
+        "",
+        f"- base model: `{base}`",
+        f"- comparisons: {counts['train']} AI-labelled for training, {counts['helpful']} helpfulness, "
+        f"{counts['heldout']} held out, {counts['skipped']} skipped (longer than {cfg.max_length} tokens)",
+        f"- settings: {steps} steps, learning rate {cfg.learning_rate}, batch {cfg.batch_size} x {cfg.grad_accum} accumulation, "
+        f"max length {cfg.max_length}, dtype {cfg.dtype}, seed {cfg.seed}",
+        f"- held-out agreement with the labeler: {held['accuracy']:.3f} on {held['count']} comparisons, "
+        f"expected calibration error {held['ece']:.4f}" if held["count"] else "- held-out agreement: n/a (no held-out comparisons)",
+    ]
+    if mc:
+        subsets = ", ".join(f"{k} {v:.3f}" for k, v in mc["accuracy_by_subset"].items())
+        lines.append(f"- accuracy on {mc['count']} comparison items (`{cfg.mc}`): {mc['accuracy']:.3f} ({subsets})")
+    lines += [
+        "",
+        "```python",
+        "from constitutional.preference_model import PreferenceModel",
+        "pm = PreferenceModel.from_pretrained(\"<this directory>\")",
+        "pm.score([\"How do I bake bread?\"], [\"Mix flour, water, yeast and salt ...\"])",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Put `tmp` at `final`; an older `final` is moved aside first and deleted after."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _inputs(cfg: Config, run_dir: RunDir) -> tuple[list[Comparison], list[Comparison], list[Comparison], list]:
+    """(train, held-out, helpful comparisons, mc items), every input checked before a model loads."""
+    if not 0 <= cfg.heldout < 1:
+        raise UserError(f"train-pm.heldout {cfg.heldout}: must be in [0, 1)")
+    pref_path = Path(cfg.preferences) if cfg.preferences else run_dir.path / "label" / "preferences.jsonl"
+    if not pref_path.is_file():
+        raise UserError(f"{pref_path}: preferences not found; run `cai label` first or set train-pm.preferences")
+    comparisons = read_comparisons(pref_path)
+    # Held out: comparisons on test-split prompts, plus a `heldout` share of the rest chosen by a
+    # hash of the id salted with "pm:" (the prompt split uses the unsalted hash, so without the salt
+    # every train prompt's comparison would land in train again).
+    out = [c.split == "test" or split_of(f"pm:{c.id}", cfg.heldout) == "test" for c in comparisons]
+    train = [c for c, held in zip(comparisons, out) if not held]
+    heldout = [c for c, held in zip(comparisons, out) if held]
+    helpful: list[Comparison] = []
+    if cfg.helpful:
+        if not Path(cfg.helpful).is_file():
+            raise UserError(f"{cfg.helpful}: helpfulness comparisons not found; check train-pm.helpful or set it to \"\"")
+        helpful = read_comparisons(Path(cfg.helpful), default_p=1.0)
+    if not train + helpful:
+        raise UserError(
+            f"{pref_path}: no training comparisons ({len(comparisons)} records, {len(heldout)} in the test split); "
+            "label more pairs or add helpfulness comparisons with train-pm.helpful"
+        )
+    return train, heldout, helpful, _mc_pairs(cfg.mc) if cfg.mc else []
+
+
+def _training_args(cfg: Config, output_dir: Path):
+    import torch
+    from trl import RewardConfig
+
+    from ..backends.hf import resolve_dtype
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_dtype(cfg.dtype, device)
+    return RewardConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_length=cfg.max_length,
+        # Weights stay float32 (AdamW updates at small learning rates vanish in bf16); bf16/fp16 is autocast.
+        model_init_kwargs={"dtype": torch.float32, "use_safetensors": True},
+        bf16=precision == torch.bfloat16,
+        fp16=precision == torch.float16,
+        activation_checkpointing=False,  # TRL turns it on by default; for small models it only costs time
+        save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_steps=max(cfg.save_steps, 1),
+        save_total_limit=1,
+        logging_steps=1,
+        report_to="none",
+        seed=cfg.seed,
+        use_cpu=device.type == "cpu",  # transformers refuses bf16 on a CPU unless told it is one
+        dataloader_pin_memory=device.type == "cuda",
+    )
+
+
+def run(cfg: Config, run_dir: RunDir) -> dict:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from ..backends.base import model_path
+    from ..preference_model import PreferenceModel, SoftLabelRewardTrainer, preference_row
+
+    train, heldout, helpful, mc_items = _inputs(cfg, run_dir)
+    base = model_path(resolve_model(cfg.model, run_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model {base!r}: cannot load its tokenizer ({first[:200]}); use `embedded`, a local model directory or a hub id") from None
+    out = run_dir.stage_dir(STAGE)
+    ckpt_dir, tmp = out / "checkpoints", out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # a save cut short by a crash
+    rows = [preference_row(tokenizer, c.messages, c.chosen, c.rejected, c.p_chosen) for c in train + helpful]
+    trainer = SoftLabelRewardTrainer(
+        model=base, args=_training_args(cfg, ckpt_dir), train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
+    n_trained = len(trainer.train_dataset)  # TRL drops comparisons longer than max_length
+    if n_trained == 0:
+        raise UserError(f"all {len(rows)} training comparisons are longer than max_length={cfg.max_length} tokens; raise train-pm.max_length")
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    start_step = int(last.rsplit("-", 1)[1]) if last else 0
+    t0 = time.time()
+    trainer.train(resume_from_checkpoint=last)
+    seconds = time.time() - t0
+    steps, log_history = trainer.state.global_step, trainer.state.log_history
+    trainer.save_model(str(tmp))  # every process takes part (FSDP/DeepSpeed gather the weights); the main one writes
+    if not trainer.is_world_process_zero():
+        return {}
+    del trainer
+    (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the model directory holds safetensors and JSON only
+
+    pm = PreferenceModel.from_pretrained(tmp, dtype=cfg.dtype, batch_size=cfg.batch_size)
+    counts = {"train": len(train), "helpful": len(helpful), "heldout": len(heldout), "skipped": len(rows) - n_trained}
+    metrics = {"comparisons": counts, "heldout": _heldout_metrics(pm, heldout)}
+    if mc_items:
+        metrics["mc"] = _mc_metrics(pm, mc_items)
+    atomic_write_text(tmp / "README.md", _card(base, counts, cfg, steps, metrics))
+    _replace_dir(tmp, out / "model")
+    atomic_write_json(out / "loss.json", log_history)
+    atomic_write_json(out / "metrics.json", metrics)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    losses = [h["loss"] for h in log_history if "loss" in h]
+    held, mc = metrics["heldout"], metrics.get("mc")
+    return {
+        "model": str(out / "model"),
+        "base_model": base,
+        "train_comparisons": len(train),
+        "heldout_comparisons": len(heldout),
+        "helpful_comparisons": len(helpful),
+        "skipped_too_long": counts["skipped"],
+        "steps": steps,
+        "final_loss": round(losses[-1], 4) if losses else None,
+        "seconds": round(seconds, 2),
+        "seconds_per_step": round(seconds / max(1, steps - start_step), 3),
+        "heldout_accuracy": round(held["accuracy"], 4) if held["count"] else None,
+        "heldout_ece": round(held["ece"], 4) if held["count"] else None,
+        "mc_accuracy": round(mc["accuracy"], 4) if mc else None,
+    }
