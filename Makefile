@@ -30,6 +30,7 @@ test-unit: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_generate.py
+	$(BIN)/python benchmarks/bench_label.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -178,10 +178,14 @@ def position_stats(pairs: Sequence[tuple[float, float]]) -> dict:
     position_bias_rate: share where the same position wins in both orders (the labeler followed the
     position, not the response); order_consistency: share where the same response wins in both
     orders; order_ties: share where either order is an exact tie. The three sum to 1.
+    share_A: share of the single-order judgements (2 per comparison) that (A) wins: which position
+    a biased labeler favours (it depends on the template: SmolLM2-135M picks (A) on the raw
+    multiple-choice text and (B) in the chat form).
     """
     n = len(pairs)
     if n == 0:
-        return {"position_bias_rate": None, "order_consistency": None, "order_ties": None}
+        return {"position_bias_rate": None, "order_consistency": None, "order_ties": None, "share_A": None}
+    share_a = sum(winner(p) == 0 for pair in pairs for p in pair) / (2 * n)
     same_pos = same_resp = ties = 0
     for p1, p2 in pairs:
         w1, w2 = winner(p1), winner(p2)
@@ -191,7 +195,7 @@ def position_stats(pairs: Sequence[tuple[float, float]]) -> dict:
             same_pos += 1
         else:
             same_resp += 1
-    return {"position_bias_rate": same_pos / n, "order_consistency": same_resp / n, "order_ties": ties / n}
+    return {"position_bias_rate": same_pos / n, "order_consistency": same_resp / n, "order_ties": ties / n, "share_A": share_a}
 
 
 def _bin(p: float, edges: Sequence[float]) -> int:

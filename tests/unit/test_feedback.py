@@ -121,7 +121,8 @@ def test_clamp_and_ensemble_mean():
 def test_position_stats():
     pairs = [(0.9, 0.9), (0.3, 0.2), (0.8, 0.1), (0.5, 0.7)]  # same position twice, same response once, one tie
     st = fb.position_stats(pairs)
-    assert st == {"position_bias_rate": 0.5, "order_consistency": 0.25, "order_ties": 0.25}
+    assert st == {"position_bias_rate": 0.5, "order_consistency": 0.25, "order_ties": 0.25, "share_A": 0.5}
+    assert fb.position_stats([(0.1, 0.2), (0.3, 0.6)])["share_A"] == 0.25
     assert fb.position_stats([])["position_bias_rate"] is None
 
 

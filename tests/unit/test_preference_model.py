@@ -218,7 +218,8 @@ def test_stage_writes_model_loss_metrics_and_summary(trained):
     assert n_test > sum(r.get("split") == "test" for r in records)  # the salted share adds some
     assert summary["heldout_comparisons"] == n_test and summary["train_comparisons"] == len(records) - n_test
     assert summary["helpful_comparisons"] == 4 and summary["skipped_too_long"] == 1 and summary["steps"] == 3
-    for key in ("final_loss", "seconds", "seconds_per_step", "heldout_accuracy", "heldout_ece", "mc_accuracy"):
+    for key in ("final_loss", "seconds", "seconds_per_step", "heldout_accuracy", "heldout_ece", "mc_accuracy",
+                "heldout_accuracy_untrained", "mc_accuracy_untrained"):
         assert isinstance(summary[key], float), key
     assert summary["model"] == str(out / "model")
     # The model directory: safetensors, tokenizer, config with pad_token_id, card; no pickles, no leftovers.

@@ -13,7 +13,8 @@ Written under `<run>/train-pm/`:
 - `loss.json`: the trainer's log history (loss, accuracy, margin, rewards per logged step);
 - `metrics.json`: held-out agreement with the labeler and calibration (comparisons on test-split
   prompts and a `heldout` share of the others, by a hash of the id, are never trained on), and PM accuracy on the multiple-choice comparison set (the paper's
-  "PM accuracy on HHH comparisons"): score(question, correct) > score(question, incorrect).
+  "PM accuracy on HHH comparisons"): score(question, correct) > score(question, incorrect); the same
+  metrics of the untrained PM (the base model with its fresh head) under `untrained`, the baseline.
 
 Departures from the paper: the paper pretrains PMs (PMP) and mixes in human helpfulness labels at
 scale; here the PM starts from the SL-CAI (or given) model with a fresh scalar head, and helpfulness
@@ -290,6 +291,15 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
         raise UserError(f"all {len(rows)} training comparisons are longer than max_length={cfg.max_length} tokens; raise train-pm.max_length")
     last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     start_step = int(last.rsplit("-", 1)[1]) if last else 0
+    # The baseline for the trained PM's metrics: the same model with its fresh (random) head.
+    # Not measured on a resume (the initial head is gone); train mode is restored by train().
+    untrained = None
+    if not last:
+        pm0 = PreferenceModel(trainer.model, tokenizer, batch_size=cfg.batch_size, name="untrained")
+        untrained = {"heldout": _heldout_metrics(pm0, heldout)}
+        if mc_items:
+            untrained["mc"] = _mc_metrics(pm0, mc_items)
+        del pm0
     t0 = time.time()
     trainer.train(resume_from_checkpoint=last)
     seconds = time.time() - t0
@@ -305,6 +315,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     metrics = {"comparisons": counts, "heldout": _heldout_metrics(pm, heldout)}
     if mc_items:
         metrics["mc"] = _mc_metrics(pm, mc_items)
+    metrics["untrained"] = untrained
     atomic_write_text(tmp / "README.md", _card(base, counts, cfg, steps, metrics))
     _replace_dir(tmp, out / "model")
     atomic_write_json(out / "loss.json", log_history)
@@ -327,4 +338,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
         "heldout_accuracy": round(held["accuracy"], 4) if held["count"] else None,
         "heldout_ece": round(held["ece"], 4) if held["count"] else None,
         "mc_accuracy": round(mc["accuracy"], 4) if mc else None,
+        # the same metrics of the untrained PM (fresh head): what training added
+        "heldout_accuracy_untrained": round(untrained["heldout"]["accuracy"], 4) if untrained and held["count"] else None,
+        "mc_accuracy_untrained": round(untrained["mc"]["accuracy"], 4) if untrained and mc else None,
     }
