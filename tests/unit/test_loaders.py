@@ -113,3 +113,14 @@ def test_mc_formats_and_errors(tmp_path):
     (tmp_path / "t.json").write_text(json.dumps({"name": "x"}))
     with pytest.raises(UserError, match="examples"):
         load_mc(tmp_path / "t.json")
+
+
+def test_builtin_benign_and_truthfulness_sets():
+    from constitutional.data.loaders import load_mc, load_prompts
+
+    benign = load_prompts("builtin:benign")
+    assert len(benign) >= 40 and all(p.id.startswith("bl-") for p in benign)
+    truth = load_mc("builtin:truthfulness")
+    assert len(truth) >= 24 and all(it.correct == [0] and len(it.options) == 2 for it in truth)
+    with pytest.raises(UserError, match="builtin:truthfulness"):
+        load_mc("builtin:nope")

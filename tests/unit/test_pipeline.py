@@ -62,12 +62,17 @@ def test_stage_command_resumes_a_partial_shard(tmp_path, tiny_model_dir):
     assert ids[:2] == [json.loads(x)["id"] for x in lines[:2]]  # the first two were not redone
 
 
-def test_quickstart_skips_unbuilt_stages_and_names_them(tmp_path, tiny_model_dir, capsys):
-    code = main(["quickstart", "--run-dir", str(tmp_path / "q"), "--set", f"model={tiny_model_dir}", "--set", "stages=[baseline,distill]",
+def test_quickstart_skips_unbuilt_stages_and_names_them(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    import dataclasses
+
+    from constitutional import stages
+
+    monkeypatch.setitem(stages.BY_NAME, "report", dataclasses.replace(stages.BY_NAME["report"], module=None, issue=7))
+    code = main(["quickstart", "--run-dir", str(tmp_path / "q"), "--set", f"model={tiny_model_dir}", "--set", "stages=[baseline,report]",
                  "--set", "baseline.limit=1", "--set", "baseline.mc_limit=2", "--set", "baseline.max_new_tokens=2"])
     assert code == 0
     err = capsys.readouterr().err
-    assert "not built yet, skipped: distill (issue 6)" in err
+    assert "not built yet, skipped: report (issue 7)" in err
     assert json.loads((tmp_path / "q" / "manifest.json").read_text())["stages"]["baseline"]["status"] == "done"
 
 

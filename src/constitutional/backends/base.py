@@ -12,7 +12,9 @@ Every stage that runs a model at inference time talks to it through three calls:
 - `sequence_logprobs(prompts, continuations) -> list[float]`: log p(continuation | prompt), nats.
 
 Model strings: `embedded` (the default SmolLM2-135M-Instruct), a local directory or hub id (`hf`),
-and `openai:URL#model` (an OpenAI-compatible server; issue 8).
+`openai:URL#model` (an OpenAI-compatible server; issue 8), and `prompted:<model>` or
+`prompted:<context file>#<model>`: that model with a context C in front of every request (dialogue
+prompting, `context.py`).
 """
 
 from __future__ import annotations
@@ -72,10 +74,20 @@ def as_messages(conversation: Conversation) -> list[Message]:
 
 
 def load_backend(model: str, **options) -> Backend:
-    """Resolve a model string to a backend. Options go to the backend (e.g. dtype, batch_size)."""
+    """Resolve a model string to a backend. Options go to the backend (e.g. dtype, batch_size).
+
+    `prompted:<model>` is that model with the built-in context C in front of every request, and
+    `prompted:<context file>#<model>` with the context of a file (dialogue prompting, context.py).
+    """
     if not isinstance(model, str) or not model.strip():
         raise UserError("model: empty model string; use `embedded`, a local model directory, a hub id, or openai:URL#model")
     model = model.strip()
+    if model.startswith("prompted:"):  # the model with a context C in front (context.py)
+        from ..context import PromptedBackend, load_context, parse_prompted
+
+        context, inner = parse_prompted(model)
+        context = load_context(context)  # a bad context file fails before a model is loaded
+        return PromptedBackend(load_backend(inner, **options), context, name=model)
     if model.startswith("openai:"):
         raise UserError(f"model {model!r}: the openai backend is not built yet (issue 8); use `embedded` or a local model directory")
     from .hf import HFBackend
@@ -92,6 +104,11 @@ def model_path(model: str) -> str:
     model = (model or "").strip()
     if model.startswith("openai:"):
         raise UserError(f"model {model!r}: a server model cannot be fine-tuned here; give a local model directory, a hub id or `embedded`")
+    if model.startswith("prompted:"):
+        raise UserError(
+            f"model {model!r}: a prompted model has no weights of its own to fine-tune; give the plain model "
+            "(for context distillation: cai distill with its context setting)"
+        )
     if model == "embedded":
         from .embedded import embedded_model_dir
 

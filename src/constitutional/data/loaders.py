@@ -28,7 +28,15 @@ from ..constitution import builtin_path
 from ..errors import UserError
 
 TEXT_FIELDS = ("prompt", "question", "instruction", "text", "input", "transcript", "chosen")
-BUILTIN = {"redteam": "redteam_prompts.jsonl", "helpful": "helpful_prompts.jsonl", "mc": "mc_comparisons.jsonl"}
+BUILTIN = {
+    "redteam": "redteam_prompts.jsonl",
+    "helpful": "helpful_prompts.jsonl",
+    "benign": "benign_lookalike_prompts.jsonl",  # benign requests that only look harmful (over-refusal)
+    "mc": "mc_comparisons.jsonl",
+    "truthfulness": "truthfulness_mc.jsonl",  # misconception questions, two options
+}
+PROMPT_SETS = ("redteam", "helpful", "benign")
+MC_SETS = ("mc", "truthfulness")
 
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant|H|A):[ \t]?", re.MULTILINE)
 
@@ -172,8 +180,8 @@ def load_prompts(spec: str | Path, limit: int | None = None, split: str | None =
     spec = str(spec)
     if spec.startswith("builtin:"):
         key = spec.split(":", 1)[1]
-        if key not in ("redteam", "helpful"):
-            raise UserError(f"{spec}: unknown built-in prompt set; use builtin:redteam or builtin:helpful")
+        if key not in PROMPT_SETS:
+            raise UserError(f"{spec}: unknown built-in prompt set; use one of " + ", ".join(f"builtin:{k}" for k in PROMPT_SETS))
         path: Path | None = builtin_path(BUILTIN[key])
         rows = _read_records(path)
         stem = key
@@ -220,9 +228,12 @@ class MCItem:
 
 
 def load_mc(spec: str | Path) -> list[MCItem]:
-    """Load a multiple-choice eval: `builtin:mc`, a `{"prompt","corrects","incorrects"}` JSONL, or BIG-bench task.json."""
+    """Load a multiple-choice eval: `builtin:mc` / `builtin:truthfulness`, a `{"prompt","corrects","incorrects"}` JSONL, or BIG-bench task.json."""
     spec = str(spec)
-    path = builtin_path(BUILTIN["mc"]) if spec == "builtin:mc" else Path(spec)
+    key = spec.split(":", 1)[1] if spec.startswith("builtin:") else None
+    if key is not None and key not in MC_SETS:
+        raise UserError(f"{spec}: unknown built-in multiple-choice set; use one of " + ", ".join(f"builtin:{k}" for k in MC_SETS))
+    path = builtin_path(BUILTIN[key]) if key else Path(spec)
     if path.is_dir():
         path = path / "task.json"
     if not path.is_file():

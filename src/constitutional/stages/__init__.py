@@ -27,9 +27,9 @@ STAGES = [
     StageInfo("sample", "sample", 4, "sample two responses per prompt from the SL-CAI model"),
     StageInfo("label", "label", 4, "AI-feedback preference labels from a feedback model and the constitution"),
     StageInfo("train-pm", "preference", 4, "train the preference model on the soft labels"),
-    StageInfo("rl", None, 5, "RL-CAI: optimise the policy against the preference model with a KL penalty"),
-    StageInfo("distill", None, 6, "context distillation: fine-tune without the context C to match p(y|C,x)"),
-    StageInfo("eval", None, 7, "harmlessness, helpfulness, PM calibration, position bias, truthfulness"),
+    StageInfo("rl", "rl", 5, "RL-CAI: optimise the policy against the preference model with a KL penalty"),
+    StageInfo("distill", "distill", 6, "context distillation: fine-tune without the context C to match p(y|C,x)"),
+    StageInfo("eval", "evaluate", 7, "harmlessness, helpfulness, PM calibration, position bias, truthfulness"),
     StageInfo("report", None, 7, "the HTML report of a run directory"),
 ]
 

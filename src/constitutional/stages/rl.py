@@ -1,0 +1,554 @@
+"""`cai rl`: RL-CAI: optimise the SL-CAI policy against the preference model with a KL penalty.
+
+Paper: Bai et al. 2022 (Constitutional AI) §4: "we train a preference model ... then fine-tune the SL-CAI
+model with RL against this PM", the reward being the PM score and a KL penalty keeping the policy near
+where it started; seed 002's "REINFORCE on text": sample N generations, weight each one's
+log-probability gradient by its reward. Here:
+
+- policy: `policy` (auto = this run's SL-CAI model `<run>/sft/model`, else the starting model);
+  reference: a frozen copy of it (with LoRA: the same weights with the adapter switched off);
+- reward: the PM's score r(prompt, response) (`<run>/train-pm/model`, or `reward_model`),
+  optionally whitened over each generation batch (`normalize_reward`) and then reduced by
+  `length_penalty` reward units per 100 completion tokens (against a PM that pays for length);
+- prompts: the train split of the red-team prompts mixed with `helpful_ratio` helpful prompts per
+  red-team prompt, so the policy is rewarded on helpful requests as well as harmful ones;
+- algorithm: `rloo` (default; `trl.RLOOTrainer`): REINFORCE with a leave-one-out baseline over
+  `num_generations` samples per prompt and the KL in the reward: r - β·Σ_t log π/π_ref (`rl_math.py`);
+  `grpo` (`trl.GRPOTrainer`): group-normalised advantages, KL (k3) added to the per-token loss.
+  One generation per optimizer step and one update per generation, so both are on-policy.
+
+Guards: `max_kl` stops training once TRL's logged KL (nats per completion token, mean over the batch)
+passes the bound, and records the step and why; when the PM's held-out or multiple-choice accuracy
+(`train-pm/metrics.json`) is within 0.1 of chance and the reward nevertheless climbed, a warning
+(stderr and summary) says that the reward had nothing to teach.
+
+Written under `<run>/rl/`: `metrics.jsonl` (one record per step: `rl/reward` (shaped, as trained on),
+`rl/reward_std`, `rl/score` / `rl/score_std` (the raw PM score), `rl/kl`, `rl/length` (tokens),
+`rl/truncated`, `rl/entropy` (nats per token), `rl/lr`, `rl/loss`, `rl/step_seconds`);
+`model/` (plain transformers directory, LoRA merged, README.md card; appears by an atomic rename);
+`train.json` (the training summary; a rerun after a crash in the evaluation does not retrain);
+`eval.json` + `eval_samples.jsonl`: on `eval_prompts` test-split prompts per set, the RL-CAI and the
+SL-CAI policy answer with the same sampling settings and seeds; the PM scores both (means, and a 95%
+percentile-bootstrap interval of the mean paired difference), the feedback model compares them in both
+orders through the label stage's `Labeler` (win rate of RL-CAI with a 95% Wilson interval; a tie
+counts half), and KL(RL-CAI ‖ SL-CAI) is estimated on the RL-CAI samples (same estimator as training,
+nats per response, the end-of-turn token not counted). Checkpoints go to `checkpoints/` every
+`save_steps`; a rerun resumes from the newest.
+
+Departures: no PPO (TRL 1.16 has none; the paper used PPO): RLOO, REINFORCE with a leave-one-out
+baseline and no value function; the KL is TRL's per-token estimate rather than an exact KL; the paper's
+PM was pre-trained on human helpfulness labels, ours only sees what `cai train-pm` saw; the defaults are
+sized for a 135M model on a CPU. Single process only (as `cai sft`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from tqdm import tqdm
+
+from ..config import build, opt, to_dict
+from ..errors import UserError
+from ..feedback import CHANCE_MARGIN, winner
+from ..rl_math import apply_length_penalty, bootstrap_mean_ci, kl_estimate, normalize_rewards, wilson_interval
+from ..run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now, read_jsonl
+from . import load_prompt_sets, resolve_model
+from .sft import last_checkpoint, save_model, training_dtype
+
+STAGE = "rl"
+ScoreFn = Callable[[Sequence, Sequence[str]], Sequence[float]]  # (conversations, responses) -> scores
+
+
+@dataclass
+class Config:
+    policy: str = opt("auto", "the policy to train: auto (this run's SL-CAI model, else the starting model), a model directory, a hub id or embedded")
+    reward_model: str = opt("", "preference model directory ('' = this run's train-pm/model)")
+    feedback_model: str = opt("auto", "judge of the RL-CAI vs SL-CAI win rate: auto (the model this run's label stage used), embedded, a directory or hub id")
+    prompts: str = opt("builtin:redteam", "red-team prompts; join sets with '+', run:redteam = this run's generated prompts")
+    helpful_prompts: str = opt("builtin:helpful", "helpful prompts mixed in ('' = none)")
+    helpful_ratio: float = opt(1.0, "helpful prompts per red-team prompt in the training mix (fewer if not available; 0 = none)")
+    split: str = opt("train", "which split to train on: train, test or all (the evaluation always uses test)")
+    limit: int = opt(0, "prompts per prompt set (0 = all)")
+    algorithm: str = opt("rloo", "rloo (REINFORCE, leave-one-out baseline, KL in the reward) or grpo (group-normalised advantages, KL in the loss)")
+    num_generations: int = opt(4, "samples per prompt (>= 2), the group each baseline is computed from")
+    max_steps: int = opt(50, "optimizer steps (one generation batch each)")
+    learning_rate: float = opt(1e-5, "peak learning rate, linear decay (LoRA usually wants ~10x more)")
+    batch_size: int = opt(2, "prompts per step, each sampled num_generations times")
+    beta: float = opt(0.05, "KL coefficient β (0 = no KL penalty and no reference model)")
+    temperature: float = opt(1.0, "sampling temperature, in training and in the evaluation (paper: 1)")
+    max_new_tokens: int = opt(64, "tokens per completion")
+    normalize_reward: bool = opt(True, "whiten the PM score over each generation batch (mean 0, std 1) before the length penalty")
+    length_penalty: float = opt(0.0, "reward units subtracted per 100 completion tokens (0 = none)")
+    max_kl: float = opt(0.0, "stop once the logged KL to the reference passes this many nats per token (0 = no bound; needs beta > 0)")
+    lora: bool = opt(False, "train a LoRA adapter (merged into the weights at the end) instead of all weights")
+    lora_r: int = opt(16, "LoRA rank")
+    lora_alpha: int = opt(32, "LoRA scale numerator (scale = alpha / r)")
+    dtype: str = opt("auto", "auto (bf16 autocast where the hardware has it, else float32), bfloat16 or float32")
+    save_steps: int = opt(10, "steps between checkpoints (a rerun resumes from the newest)")
+    eval_prompts: int = opt(8, "held-out (test split) prompts per prompt set for RL-CAI vs SL-CAI (0 = skip the evaluation)")
+    seed: int = opt(0, "random seed (helpful-prompt draw, data order, sampling, LoRA init)")
+
+
+# ---------------------------------------------------------------------------------------- inputs
+def _check(cfg: Config) -> None:
+    if cfg.algorithm not in ("rloo", "grpo"):
+        raise UserError(f"rl.algorithm {cfg.algorithm!r}: use rloo or grpo (TRL 1.16 has no PPO trainer)")
+    if cfg.num_generations < 2:
+        raise UserError(f"rl.num_generations {cfg.num_generations}: need >= 2 samples per prompt for a baseline")
+    for name in ("max_steps", "batch_size", "max_new_tokens", "save_steps", "lora_r", "lora_alpha"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"rl.{name} {getattr(cfg, name)}: must be >= 1")
+    for name in ("learning_rate", "temperature"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"rl.{name} {getattr(cfg, name)}: must be > 0")
+    for name in ("beta", "helpful_ratio", "length_penalty", "max_kl", "limit", "eval_prompts"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"rl.{name} {getattr(cfg, name)}: must be >= 0")
+    if cfg.max_kl > 0 and cfg.beta == 0:
+        raise UserError("rl.max_kl needs rl.beta > 0: TRL measures the KL only when it keeps a reference model")
+    if cfg.dtype not in ("auto", "bfloat16", "float32"):
+        raise UserError(f"rl.dtype {cfg.dtype!r}: use auto, bfloat16 or float32")
+
+
+def training_prompts(cfg: Config, run_dir: RunDir) -> tuple[list[dict], dict]:
+    """TRL conversational rows `{prompt: messages, id, source}`: the red-team prompts, then
+    round(helpful_ratio x their number) helpful prompts drawn with the seed; and the counts."""
+    redteam = load_prompt_sets(cfg.prompts, run_dir, split=cfg.split, limit=cfg.limit)
+    helpful = []
+    if cfg.helpful_prompts and cfg.helpful_ratio > 0:
+        pool = load_prompt_sets(cfg.helpful_prompts, run_dir, split=cfg.split, limit=cfg.limit)
+        random.Random(cfg.seed).shuffle(pool)
+        helpful = pool[: round(cfg.helpful_ratio * len(redteam))]
+    clash = {p.id for p in redteam} & {p.id for p in helpful}
+    if clash:
+        raise UserError(f"rl.helpful_prompts: prompt id {sorted(clash)[0]!r} is also a red-team prompt id; ids must be unique across the two sets")
+    rows = [{"prompt": p.messages, "id": p.id, "source": s} for s, ps in (("redteam", redteam), ("helpful", helpful)) for p in ps]
+    if len(rows) < cfg.batch_size:
+        raise UserError(f"rl: {len(rows)} training prompts, fewer than rl.batch_size {cfg.batch_size}; use more prompts or a smaller batch")
+    return rows, {"redteam": len(redteam), "helpful": len(helpful)}
+
+
+def eval_sets(cfg: Config, run_dir: RunDir) -> list[tuple[str, object]]:
+    """(set name, Prompt) for the held-out comparison: test-split prompts, `eval_prompts` per set."""
+    if cfg.eval_prompts == 0:
+        return []
+    specs = [("redteam", cfg.prompts)] + ([("helpful", cfg.helpful_prompts)] if cfg.helpful_prompts else [])
+    return [(name, p) for name, spec in specs for p in load_prompt_sets(spec, run_dir, split="test", limit=cfg.eval_prompts)]
+
+
+def reward_model_dir(cfg: Config, run_dir: RunDir) -> Path:
+    return Path(cfg.reward_model).expanduser() if cfg.reward_model else run_dir.path / "train-pm" / "model"
+
+
+def read_pm_metrics(pm_dir: Path) -> dict | None:
+    """`cai train-pm`'s metrics.json beside the PM directory (held-out and MC accuracy), if there is one."""
+    path = pm_dir.parent / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: malformed JSON; rerun `cai train-pm --force` or delete the file") from None
+    return metrics if isinstance(metrics, dict) else None
+
+
+def pm_at_chance(metrics: dict | None) -> str | None:
+    """'held-out accuracy 0.52, MC accuracy 0.49' for each PM accuracy within CHANCE_MARGIN of 0.5, else None."""
+    found = []
+    for label, key in (("held-out", "heldout"), ("MC", "mc")):
+        acc = ((metrics or {}).get(key) or {}).get("accuracy")
+        if acc is not None and abs(acc - 0.5) <= CHANCE_MARGIN:
+            found.append(f"{label} accuracy {acc:.2f}")
+    return ", ".join(found) or None
+
+
+def chance_warning(metrics: dict | None, scores: Sequence[float]) -> str | None:
+    """The warning for a reward that climbed (mean PM score of the last third of the steps above the
+    first third's) while the PM is at chance; None otherwise."""
+    chance = pm_at_chance(metrics)
+    if not chance or len(scores) < 2:
+        return None
+    k = max(1, len(scores) // 3)
+    first, last = sum(scores[:k]) / k, sum(scores[-k:]) / k
+    if last <= first:
+        return None
+    return (f"the reward climbed (mean PM score {first:.3f} -> {last:.3f}, first vs last third of the steps) while the "
+            f"preference model is at chance ({chance}): the reward has nothing to teach, so the policy learned the PM's "
+            "noise, not the constitution; train a better PM (more or cleaner labels, a stronger feedback model) first")
+
+
+# ---------------------------------------------------------------------------------------- reward
+class PolicyReward:
+    """The reward function TRL calls once per generation batch (B prompts x G samples).
+
+    TRL 1.16 passes `prompts` (the dataset's message lists, each repeated G times in a row),
+    `completions` ([{"role": "assistant", "content": text}] per sample for conversational prompts),
+    `completion_ids` (token ids, with the eos token when one was sampled), the dataset's other columns
+    and `log_metric`. Returns one float per sample: the score, whitened over the batch if `normalize`,
+    minus `length_penalty` per 100 completion tokens. The raw score is logged as `rl/score`.
+    """
+
+    __name__ = "preference_model"  # TRL names its reward metrics after it
+
+    def __init__(self, score: ScoreFn, normalize: bool, length_penalty: float):
+        self.score, self.normalize, self.length_penalty = score, normalize, length_penalty
+
+    def __call__(self, prompts, completions, completion_ids, log_metric=None, **_):
+        texts = [(c[-1]["content"] if isinstance(c, list) else c).strip() for c in completions]
+        raw = [float(s) for s in self.score(prompts, texts)]
+        shaped = normalize_rewards(raw) if self.normalize else raw
+        if self.length_penalty:
+            shaped = apply_length_penalty(shaped, [len(ids) for ids in completion_ids], self.length_penalty)
+        if log_metric is not None:
+            mean = sum(raw) / len(raw)
+            log_metric("rl/score", mean)
+            log_metric("rl/score_std", (sum((r - mean) ** 2 for r in raw) / len(raw)) ** 0.5)
+        return shaped
+
+
+# ---------------------------------------------------------------------------------------- training
+METRICS = {  # TRL log key -> our record key
+    "reward": "rl/reward", "reward_std": "rl/reward_std", "rl/score": "rl/score", "rl/score_std": "rl/score_std",
+    "kl": "rl/kl", "completions/mean_length": "rl/length", "completions/clipped_ratio": "rl/truncated",
+    "entropy": "rl/entropy", "learning_rate": "rl/lr", "loss": "rl/loss", "step_time": "rl/step_seconds",
+}
+
+
+def step_record(logs: dict, step: int) -> dict | None:
+    """One metrics record from a TRL training log (None for logs without a reward, e.g. the final one)."""
+    if "reward" not in logs:
+        return None
+    return {"id": f"step-{step:06d}", "step": step, **{ours: logs.get(theirs) for theirs, ours in METRICS.items()}}
+
+
+class MetricsRecorder:
+    """Appends each step's record to `metrics.jsonl` as training goes (an `on_log` callback)."""
+
+    def __init__(self, shard: RecordShard):
+        self.shard = shard
+
+    def on_log(self, args, state, control, logs=None):
+        record = step_record(logs or {}, state.global_step)
+        if record is not None:
+            self.shard.append(record)
+
+
+class KLGuard:
+    """An `on_log` callback: stops training once the logged KL (nats per token) passes `max_kl`;
+    `stopped` says when and why."""
+
+    def __init__(self, max_kl: float):
+        self.max_kl, self.stopped = max_kl, None
+
+    def on_log(self, args, state, control, logs=None):
+        kl = (logs or {}).get("kl")
+        if self.max_kl > 0 and kl is not None and kl > self.max_kl and self.stopped is None:
+            reason = f"KL to the reference {kl:.4f} nats/token passed max_kl {self.max_kl} at step {state.global_step}"
+            self.stopped = {"step": state.global_step, "kl": kl, "max_kl": self.max_kl, "reason": reason}
+            control.should_training_stop = True
+            print(f"[rl] stopping: {reason}", file=sys.stderr)
+
+
+def build_trainer(cfg: Config, rows: list[dict], policy: str, reward: PolicyReward, checkpoint_dir: Path, callbacks=()):
+    """A `trl.RLOOTrainer` (or `GRPOTrainer`) on `rows`, float32 weights (bf16 autocast per `dtype`)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    from ..backends.base import model_path
+
+    _check(cfg)
+    path = model_path(policy)
+    if path.startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():
+        raise UserError(f"rl.policy {policy!r}: directory not found; give a local model directory, a hub id or embedded")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"rl.policy {policy!r}: cannot load {path} ({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}); "
+                        "give a local model directory with safetensors weights, a hub id or embedded") from None
+    if not tokenizer.chat_template:
+        raise UserError(f"rl.policy {policy!r}: the tokenizer has no chat template; RL on chat prompts needs one")
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    config_cls, trainer_cls = (RLOOConfig, RLOOTrainer) if cfg.algorithm == "rloo" else (GRPOConfig, GRPOTrainer)
+    args = config_cls(
+        output_dir=str(checkpoint_dir),
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.batch_size * cfg.num_generations,  # completions, not prompts
+        num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        beta=cfg.beta,
+        disable_dropout=True,  # policy and reference must score the same tokens identically
+        activation_checkpointing=False,  # TRL turns it on by default; for small models it only costs time
+        bf16=training_dtype(cfg.dtype) == "bfloat16",
+        fp16=False,
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=1,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=1,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+    )
+    return trainer_cls(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
+                       processing_class=tokenizer, peft_config=peft_config, callbacks=[_on_log_callback(c) for c in callbacks])
+
+
+def _on_log_callback(handler):
+    """A `transformers.TrainerCallback` that forwards `on_log` to `handler` (imported here, not at the
+    top, so that `cai --help` does not load transformers)."""
+    from transformers import TrainerCallback
+
+    class OnLog(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            handler.on_log(args, state, control, logs)
+
+    return OnLog()
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+def _label_config(run_dir: RunDir):
+    """The label stage's settings as this run recorded them (defaults where it has none)."""
+    from . import label
+
+    recorded = run_dir.manifest.get("config", {}).get("label") or {}
+    names = {f.name for f in dataclasses.fields(label.Config)}
+    return build(label.Config, {k: v for k, v in recorded.items() if k in names}, f"{run_dir.manifest_path} (config.label)")
+
+
+def response_logprobs(backend, conversations: Sequence, responses: Sequence[list[int]], temperature: float) -> list:
+    """Per-token log-probabilities (T,) of each response's token ids under `backend`'s model at
+    `temperature` (the distribution the responses were sampled from), as float32 tensors."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for conv, ids in zip(conversations, responses):
+            prompt = backend.tokenizer(backend.render_chat(conv), add_special_tokens=False)["input_ids"]
+            x = torch.tensor([prompt + list(ids)], device=backend.device)
+            logits = backend.model(input_ids=x, use_cache=False).logits[0, len(prompt) - 1 : -1].float() / temperature
+            out.append(torch.log_softmax(logits, -1).gather(-1, x[0, len(prompt):, None]).squeeze(-1).cpu())
+    return out
+
+
+def _compare(rows: list[dict]) -> dict:
+    diffs = [r["score_rl"] - r["score_sl"] for r in rows]
+    lo, hi = bootstrap_mean_ci(diffs)
+    credit = [0.5 if r["winner"] is None else float(r["winner"] == "rl") for r in rows]
+    wlo, whi = wilson_interval(sum(credit), len(rows))
+    kls = [r["kl"] for r in rows if r["kl"] is not None]
+    return {
+        "prompts": len(rows),
+        "pm_score_sl_cai": sum(r["score_sl"] for r in rows) / len(rows),
+        "pm_score_rl_cai": sum(r["score_rl"] for r in rows) / len(rows),
+        "pm_score_difference": sum(diffs) / len(diffs),
+        "pm_score_difference_ci95": [lo, hi],
+        "win_rate_rl_cai": sum(credit) / len(credit),
+        "win_rate_ci95": [wlo, whi],
+        "wins": sum(c == 1.0 for c in credit), "ties": sum(c == 0.5 for c in credit), "losses": sum(c == 0.0 for c in credit),
+        "mean_p_rl_cai_better": sum(r["p_rl"] for r in rows) / len(rows),
+        "kl_rl_to_sl_nats_per_response": sum(kls) / len(kls) if kls else None,
+    }
+
+
+def evaluate(cfg: Config, run_dir: RunDir, sets: list, sl_policy: str, rl_model: Path, score: ScoreFn) -> tuple[dict, list[dict]]:
+    """RL-CAI vs SL-CAI on the held-out prompts `sets`: (eval results, per-prompt samples)."""
+    from ..backends import GenerationParams, load_backend
+    from ..constitution import load_constitution, load_fewshot
+    from .label import Comparison, Labeler, combine, draw_principles
+
+    params = GenerationParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
+    convs = [p.messages for _, p in sets]
+    answers, logprobs, rl_ids = {}, {}, []
+    for who, model in (("rl", str(rl_model)), ("sl", sl_policy)):  # same params and seeds: common random numbers
+        backend = load_backend(model, dtype="float32", batch_size=8)
+        ids = backend.generate_ids(convs, params)
+        answers[who] = [backend.tokenizer.decode(i, skip_special_tokens=True).strip() for i in ids]
+        rl_ids = rl_ids or ids
+        logprobs[who] = response_logprobs(backend, convs, rl_ids, cfg.temperature)  # of the RL-CAI samples
+    sl_backend = backend
+    kind = "k1" if cfg.algorithm == "rloo" else "k3"
+    kls = [float(kl_estimate(a, b, kind).sum()) for a, b in zip(logprobs["rl"], logprobs["sl"])]
+    s_rl, s_sl = score(convs, answers["rl"]), score(convs, answers["sl"])
+
+    lcfg = _label_config(run_dir)
+    judge = resolve_model(cfg.feedback_model if cfg.feedback_model != "auto" else lcfg.feedback_model, run_dir)
+    same = judge == sl_policy and lcfg.dtype == "float32"
+    fb = sl_backend if same else load_backend(judge, dtype=lcfg.dtype, batch_size=lcfg.batch_size)
+    constitution = load_constitution(None if lcfg.constitution == "default" else lcfg.constitution)
+    labeler = Labeler(fb, load_fewshot(None, "feedback")[: lcfg.fewshot], chat=lcfg.chat, cot=lcfg.cot, cot_max_new_tokens=lcfg.cot_max_new_tokens,
+                      cot_temperature=lcfg.cot_temperature, clamp_low=lcfg.clamp_low, clamp_high=lcfg.clamp_high, seed=lcfg.seed)
+    comps = [Comparison(p.id, p.messages, (answers["rl"][i], answers["sl"][i]), draw_principles(constitution, lcfg.principles, lcfg.seed, p.id))
+             for i, (_, p) in enumerate(sets)]
+    chunks = [comps[k : k + lcfg.batch_size] for k in range(0, len(comps), lcfg.batch_size)]
+    orders = [o for c in tqdm(chunks, desc="rl: RL-CAI vs SL-CAI", unit="batch", file=sys.stderr) for o in labeler.label(c)]
+    samples = []
+    for i, ((name, p), o) in enumerate(zip(sets, orders)):
+        p_rl = combine(o)[0]  # P(response 0 = RL-CAI better), both orders averaged
+        w = winner(p_rl)
+        samples.append({"id": p.id, "set": name, "prompt": p.prompt, "rl_cai": answers["rl"][i], "sl_cai": answers["sl"][i],
+                        "score_rl": float(s_rl[i]), "score_sl": float(s_sl[i]), "p_rl": p_rl,
+                        "winner": None if w is None else ("rl", "sl")[w], "kl": kls[i]})
+    result = {
+        "all": _compare(samples),
+        "by_set": {name: _compare([s for s in samples if s["set"] == name]) for name in dict.fromkeys(n for n, _ in sets)},
+        "policies": {"rl_cai": str(rl_model), "sl_cai": sl_policy}, "feedback_model": fb.name,
+        "sampling": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
+        "kl_estimator": kind, "training_split": cfg.split, "prompt_split": "test",
+    }
+    return result, samples
+
+
+# ---------------------------------------------------------------------------------------- output
+def model_card(cfg: Config, summary: dict, evaluation: dict | None) -> str:
+    settings = "\n".join(f"| {k} | {v} |" for k, v in to_dict(cfg).items())
+    lines = [
+        "---", "library_name: transformers", "tags: [constitutional-ai, rl-cai, trl, " + cfg.algorithm + "]", "---",
+        "# RL-CAI model", "",
+        f"Trained by `cai rl` (constitutional) from `{summary['policy']}` against the preference model `{summary['reward_model']}`",
+        f"({cfg.algorithm.upper()}, KL coefficient {cfg.beta} to a frozen copy of the starting policy; Constitutional AI §4).",
+        f"{'LoRA adapter merged into the weights' if cfg.lora else 'All weights trained'}.", "",
+        "## Training",
+        f"- prompts: {summary['prompts']['redteam']} red-team + {summary['prompts']['helpful']} helpful ({cfg.split} split)",
+        f"- steps: {summary['steps']} (resumed from step {summary['resumed_from_step']})"
+        + (f"; stopped early: {summary['stopped_early']['reason']}" if summary["stopped_early"] else ""),
+        f"- mean PM score, first -> last 10% of steps: {summary['score_first']} -> {summary['score_last']}; final KL {summary['kl_last']} nats/token",
+        f"- {summary['seconds_per_step']} s/step, peak memory {summary['peak_memory_mb']} MB, dtype {summary['dtype']}",
+        *[f"- WARNING: {w}" for w in summary["warnings"]],
+        "", "| setting | value |", "|---|---|", settings,
+    ]
+    if evaluation:
+        a = evaluation["all"]
+        lines += ["", "## RL-CAI vs SL-CAI on held-out prompts",
+                  f"- {a['prompts']} prompts; PM score {a['pm_score_rl_cai']:.3f} vs {a['pm_score_sl_cai']:.3f}, difference "
+                  f"{a['pm_score_difference']:.3f} (95% CI {a['pm_score_difference_ci95'][0]:.3f} to {a['pm_score_difference_ci95'][1]:.3f})",
+                  f"- win rate of RL-CAI judged by `{evaluation['feedback_model']}`: {a['win_rate_rl_cai']:.2f} "
+                  f"(95% CI {a['win_rate_ci95'][0]:.2f} to {a['win_rate_ci95'][1]:.2f})"]
+    lines += ["", f"date: {now()}", ""]
+    return "\n".join(lines)
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _model_stamp(model: str | Path) -> object:
+    """What identifies a model's weights: its files' names, sizes and mtimes for a local directory (a
+    retrained model is a new directory), else the model string."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return str(model)
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir()) if f.is_file()]
+
+
+def train(cfg: Config, run_dir: RunDir, rows: list[dict], counts: dict, policy: str, reward: PolicyReward, pm_metrics: dict | None, reward_name: str) -> dict:
+    """Train (resuming from the newest checkpoint), save `<run>/rl/model`, return the training summary."""
+    out = run_dir.stage_dir(STAGE)
+    checkpoint_dir = out / "checkpoints"
+    resume = last_checkpoint(checkpoint_dir)
+    resumed_from = int(resume.name.split("-", 1)[1]) if resume else 0
+    # metrics of steps after the checkpoint belong to a run that is redone now
+    kept = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= resumed_from]
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    guard = KLGuard(cfg.max_kl)
+    with RecordShard(out / "metrics.jsonl") as shard:
+        trainer = build_trainer(cfg, rows, policy, reward, checkpoint_dir, callbacks=[MetricsRecorder(shard), guard])
+        if resume:
+            print(f"[rl] resuming from {resume}", file=sys.stderr)
+        t0 = time.time()
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        seconds = time.time() - t0
+        records = list(shard.records)
+    steps = trainer.state.global_step
+    scores = [r["rl/score"] for r in records if r.get("rl/score") is not None]
+    tail = max(1, len(records) // 10)
+    warnings = [w for w in [chance_warning(pm_metrics, scores)] if w]
+    for w in warnings:
+        print(f"[rl] WARNING: {w}", file=sys.stderr)
+    summary = {
+        "policy": policy, "reward_model": reward_name, "algorithm": cfg.algorithm, "prompts": counts,
+        "steps": steps, "resumed_from_step": resumed_from, "stopped_early": guard.stopped,
+        "score_first": _mean([r["rl/score"] for r in records[:tail]]), "score_last": _mean([r["rl/score"] for r in records[-tail:]]),
+        "reward_last": _mean([r["rl/reward"] for r in records[-tail:]]), "kl_last": _mean([r["rl/kl"] for r in records[-tail:]]),
+        "length_last": _mean([r["rl/length"] for r in records[-tail:]]),
+        "pm_heldout_accuracy": ((pm_metrics or {}).get("heldout") or {}).get("accuracy"),
+        "pm_mc_accuracy": ((pm_metrics or {}).get("mc") or {}).get("accuracy"),
+        "warnings": warnings, "seconds": round(seconds, 1), "seconds_per_step": round(seconds / max(1, steps - resumed_from), 3),
+        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "lora": cfg.lora, "dtype": training_dtype(cfg.dtype), "model": str(out / "model"),
+    }
+    save_model(trainer, out / "model", model_card(cfg, summary, None))
+    return summary
+
+
+def run(cfg: Config, run_dir: RunDir, reward_fn: ScoreFn | None = None) -> dict:
+    """The stage. `reward_fn(conversations, responses) -> scores` replaces the preference model (tests)."""
+    _check(cfg)
+    out = run_dir.stage_dir(STAGE)
+    for stale in out.glob(".model.tmp-*"):  # a save killed half-way
+        shutil.rmtree(stale, ignore_errors=True)
+    rows, counts = training_prompts(cfg, run_dir)
+    held_out = eval_sets(cfg, run_dir)
+    pm_dir = reward_model_dir(cfg, run_dir)
+    if reward_fn is None and not (pm_dir / "config.json").is_file():
+        raise UserError(f"{pm_dir}: no preference model there; run `cai train-pm` first or set rl.reward_model")
+    pm_metrics = read_pm_metrics(pm_dir)
+    if pm_at_chance(pm_metrics):
+        print(f"[rl] note: the preference model is near chance ({pm_at_chance(pm_metrics)}); its reward may carry no signal", file=sys.stderr)
+    if reward_fn is None:
+        from ..preference_model import PreferenceModel
+
+        reward_fn = PreferenceModel.from_pretrained(pm_dir, dtype=cfg.dtype, batch_size=cfg.batch_size * cfg.num_generations).score
+        reward_name, reward_stamp = str(pm_dir), _model_stamp(pm_dir)
+    else:  # an injected reward is the caller's to keep fixed across a resume
+        reward_name, reward_stamp = getattr(reward_fn, "__name__", "injected reward function"), None
+    policy = resolve_model(cfg.policy, run_dir)
+
+    # A checkpoint or a trained model is only valid for the prompts and models it was trained with.
+    from ..backends.base import model_path
+
+    fingerprint, checkpoint_dir = _fingerprint(rows, _model_stamp(model_path(policy)), reward_stamp), out / "checkpoints"
+    stamp = checkpoint_dir / "inputs.sha256"
+    if checkpoint_dir.exists() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint):
+        print(f"[rl] {checkpoint_dir} belongs to other inputs; starting over", file=sys.stderr)
+        shutil.rmtree(checkpoint_dir)
+    atomic_write_text(stamp, fingerprint + "\n")
+    done = json.loads((out / "train.json").read_text()) if (out / "train.json").is_file() else {}
+    if done.get("fingerprint") == fingerprint and (out / "model" / "config.json").is_file():
+        summary = done["summary"]  # trained before the evaluation failed: evaluate only
+    else:
+        reward = PolicyReward(reward_fn, cfg.normalize_reward, cfg.length_penalty)
+        summary = train(cfg, run_dir, rows, counts, policy, reward, pm_metrics, reward_name)
+        atomic_write_json(out / "train.json", {"fingerprint": fingerprint, "summary": summary})
+
+    if held_out:
+        evaluation, samples = evaluate(cfg, run_dir, held_out, policy, out / "model", reward_fn)
+        atomic_write_text(out / "eval_samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+        atomic_write_json(out / "eval.json", evaluation)
+        atomic_write_text(out / "model" / "README.md", model_card(cfg, summary, evaluation))
+        summary = {**summary, "eval": evaluation["all"], "eval_feedback_model": evaluation["feedback_model"]}
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return summary
