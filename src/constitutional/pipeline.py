@@ -62,6 +62,8 @@ def stage_config(name: str, section: dict, pipe: PipelineConfig, source: str):
 def run_stage(name: str, module, cfg, run_dir: RunDir, force: bool) -> dict | None:
     """Run one stage unless it already finished with this config. Returns its summary."""
     resolved = to_dict(cfg)
+    if getattr(module, "ALWAYS_RUN", False):  # e.g. the report: its inputs are other stages' outputs
+        run_dir.manifest["stages"].pop(name, None)
     if not run_dir.begin(name, resolved, config_hash(cfg), getattr(cfg, "seed", None), force=force):
         summary = run_dir.stage_status(name).get("summary")
         print(f"[{name}] already done with this config, skipped (use --force to rerun)", file=sys.stderr)

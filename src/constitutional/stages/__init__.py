@@ -30,7 +30,7 @@ STAGES = [
     StageInfo("rl", "rl", 5, "RL-CAI: optimise the policy against the preference model with a KL penalty"),
     StageInfo("distill", "distill", 6, "context distillation: fine-tune without the context C to match p(y|C,x)"),
     StageInfo("eval", "evaluate", 7, "harmlessness, helpfulness, PM calibration, position bias, truthfulness"),
-    StageInfo("report", None, 7, "the HTML report of a run directory"),
+    StageInfo("report", "report", 7, "the HTML report of a run directory"),
 ]
 
 BY_NAME = {s.name: s for s in STAGES}
