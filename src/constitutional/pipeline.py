@@ -123,8 +123,54 @@ def _run_pipeline(data: dict, source: str, overrides: list[str], run_dir_arg: st
             "not built yet, skipped: " + ", ".join(f"{m} (issue {stages.BY_NAME[m].issue})" for m in missing),
             file=sys.stderr,
         )
+    for line in headline(run_dir, [name for name, _, _ in planned]):
+        print(line)
     print(f"run directory: {run_dir.path}", file=sys.stderr)
     return 0
+
+
+def _fmt_ci(ci) -> str:
+    return f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci and None not in ci else ""
+
+
+def headline(run_dir: RunDir, names: list[str]) -> list[str]:
+    """The end-of-run lines: seconds per stage, peak memory, and the numbers that say whether each
+    stage did what the paper says (from the stages' summaries and eval/results.json)."""
+    import resource
+
+    st = run_dir.manifest["stages"]
+    secs = [(n, st.get(n, {}).get("seconds")) for n in names]
+    total = sum(s for _, s in secs if s)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = ["", "== timings (s): " + ", ".join(f"{n} {s:.0f}" for n, s in secs if s is not None) + f"; total {total:.0f} s; peak memory {peak:.0f} MB"]
+    summ = {n: st.get(n, {}).get("summary") or {} for n in st}
+    if summ.get("label", {}).get("verdict"):
+        out.append(f"== labeler: {summ['label']['verdict']}")
+    pm = summ.get("train-pm", {})
+    if pm.get("mc_accuracy") is not None:
+        out.append(f"== preference model: accuracy on the built-in comparisons {pm['mc_accuracy']:.2f} (untrained head {pm.get('mc_accuracy_untrained') or float('nan'):.2f}); held-out agreement with the labels {pm.get('heldout_accuracy') or float('nan'):.2f}")
+    ev = (summ.get("rl", {}) or {}).get("eval") or {}
+    if ev.get("win_rate_rl_cai") is not None:
+        out.append(f"== RL-CAI vs SL-CAI on {ev['prompts']} held-out prompts: win rate {ev['win_rate_rl_cai']:.2f} {_fmt_ci(ev.get('win_rate_ci95'))}, PM score change {ev['pm_score_difference']:+.3f} {_fmt_ci(ev.get('pm_score_difference_ci95'))}")
+    d = summ.get("distill", {})
+    if d.get("gap_closed") is not None:
+        mc = d.get("mc_accuracy") or {}
+        out.append(f"== context distillation: KL {d['kl_before']:.3f} -> {d['kl_after']:.3f} nats/token ({d['gap_closed']:.0%} of the gap closed), {d['prompt_tokens_saved_per_request']:.0f} prompt tokens saved per request"
+                   + (f"; MC accuracy plain {mc.get('plain')}, prompted {mc.get('prompted')}, distilled {mc.get('distilled')}" if mc else ""))
+    results = run_dir.path / "eval" / "results.json"
+    if "eval" in summ and results.is_file():
+        res = json.loads(results.read_text(encoding="utf-8"))
+        for name, r in (res.get("refusal") or {}).items():
+            harm = (res.get("harmlessness") or {}).get("elo", {}).get(name, {})
+            helpf = (res.get("helpfulness") or {}).get("elo", {}).get(name, {})
+            out.append(
+                f"== {name}: refuses {r['harmful_refusal_rate']:.0%} of {r['n_harmful']} harmful prompts, {r['benign_refusal_rate']:.0%} of {r['n_benign']} benign look-alikes"
+                + (f"; harmlessness Elo {harm['elo']:+.0f}, helpfulness Elo {helpf['elo']:+.0f}" if harm and helpf else "")
+            )
+    rep = summ.get("report", {}).get("report")
+    if rep:
+        out.append(f"== report: {rep}")
+    return out
 
 
 def cmd_run(args) -> int:
