@@ -148,7 +148,13 @@ def headline(run_dir: RunDir, names: list[str]) -> list[str]:
         out.append(f"== labeler: {summ['label']['verdict']}")
     pm = summ.get("train-pm", {})
     if pm.get("mc_accuracy") is not None:
-        out.append(f"== preference model: accuracy on the built-in comparisons {pm['mc_accuracy']:.2f} (untrained head {pm.get('mc_accuracy_untrained') or float('nan'):.2f}); held-out agreement with the labels {pm.get('heldout_accuracy') or float('nan'):.2f}")
+        untrained = pm.get("mc_accuracy_untrained")
+        held = pm.get("heldout_accuracy")
+        out.append(
+            f"== preference model: accuracy on the built-in comparisons {pm['mc_accuracy']:.2f}"
+            + (f" (untrained head {untrained:.2f})" if untrained is not None else "")
+            + (f"; held-out agreement with the labels {held:.2f} ({pm.get('heldout_comparisons')} comparisons)" if held is not None else "; no held-out comparisons")
+        )
     ev = (summ.get("rl", {}) or {}).get("eval") or {}
     if ev.get("win_rate_rl_cai") is not None:
         out.append(f"== RL-CAI vs SL-CAI on {ev['prompts']} held-out prompts: win rate {ev['win_rate_rl_cai']:.2f} {_fmt_ci(ev.get('win_rate_ci95'))}, PM score change {ev['pm_score_difference']:+.3f} {_fmt_ci(ev.get('pm_score_difference_ci95'))}")
