@@ -148,3 +148,17 @@ def test_headline_reports_timings_and_the_numbers_that_matter(tmp_path):
     assert "win rate 0.56 [0.39, 0.72]" in text
     assert "base: refuses 10% of 10 harmful prompts, 0% of 10 benign look-alikes; harmlessness Elo +0" in text
     assert "report: runs/x/report/report.html" in text
+
+
+def test_every_shipped_config_builds(tmp_path):
+    """Each config in configs/ parses and every stage section builds its typed config."""
+    from constitutional.config import load_yaml
+    from constitutional.pipeline import split_pipeline, stage_config
+
+    configs = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+    assert {p.name for p in configs} >= {"quickstart.yaml", "cpu_small.yaml", "distill_cpu.yaml", "paper.yaml"}
+    for path in configs:
+        assert path.read_text().startswith("# cai "), f"{path.name} must start with the command that runs it"
+        pipe, sections = split_pipeline(load_yaml(path), str(path))
+        for name in pipe.stages:
+            stage_config(name, sections.get(name, {}), pipe, str(path))
