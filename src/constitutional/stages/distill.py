@@ -78,7 +78,7 @@ from ..data.loaders import load_mc
 from ..errors import UserError
 from ..run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now
 from . import load_prompt_sets
-from .sft import save_model, training_dtype
+from ..training import lora_config, save_model, training_dtype
 
 
 @dataclass
@@ -443,10 +443,9 @@ def load_student(cfg: Config, path: str, device):
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(device)
     if cfg.lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+        model = get_peft_model(model, lora_config(cfg.lora_r, cfg.lora_alpha))
     return model
 
 

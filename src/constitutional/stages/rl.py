@@ -63,7 +63,7 @@ from ..feedback import CHANCE_MARGIN, winner
 from ..rl_math import apply_length_penalty, bootstrap_mean_ci, kl_estimate, normalize_rewards, wilson_interval
 from ..run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now, read_jsonl
 from . import load_prompt_sets, resolve_model
-from .sft import last_checkpoint, save_model, training_dtype
+from ..training import last_checkpoint, load_causal_lm, lora_config, save_model, training_dtype
 
 STAGE = "rl"
 ScoreFn = Callable[[Sequence, Sequence[str]], Sequence[float]]  # (conversations, responses) -> scores
@@ -263,28 +263,11 @@ def build_trainer(cfg: Config, rows: list[dict], policy: str, reward: PolicyRewa
     """A `trl.RLOOTrainer` (or `GRPOTrainer`) on `rows`, float32 weights (bf16 autocast per `dtype`)."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-    from ..backends.base import model_path
-
     _check(cfg)
-    path = model_path(policy)
-    if path.startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():
-        raise UserError(f"rl.policy {policy!r}: directory not found; give a local model directory, a hub id or embedded")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"rl.policy {policy!r}: cannot load {path} ({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}); "
-                        "give a local model directory with safetensors weights, a hub id or embedded") from None
-    if not tokenizer.chat_template:
-        raise UserError(f"rl.policy {policy!r}: the tokenizer has no chat template; RL on chat prompts needs one")
-    peft_config = None
-    if cfg.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    model, tokenizer = load_causal_lm(policy, "rl.policy")
+    peft_config = lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None
     config_cls, trainer_cls = (RLOOConfig, RLOOTrainer) if cfg.algorithm == "rloo" else (GRPOConfig, GRPOTrainer)
     args = config_cls(
         output_dir=str(checkpoint_dir),

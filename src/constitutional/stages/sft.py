@@ -36,11 +36,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -49,6 +47,7 @@ from pathlib import Path
 from ..config import opt, to_dict
 from ..errors import UserError
 from ..run import RunDir, atomic_write_json, atomic_write_text, now
+from ..training import last_checkpoint, load_causal_lm, lora_config, save_model, training_dtype  # noqa: F401 (training_dtype: used by tests)
 
 
 @dataclass
@@ -176,21 +175,6 @@ def build_dataset(cfg: Config, run_dir: RunDir) -> tuple[list[dict], dict]:
 # ------------------------------------------------------------------------------------------ training
 
 
-def training_dtype(spec: str) -> str:
-    """`auto` -> bfloat16 where the GPU or CPU computes in bf16 natively, else float32."""
-    import torch
-
-    if spec in ("bfloat16", "float32"):
-        return spec
-    if spec != "auto":
-        raise UserError(f"sft.dtype {spec!r}: use auto, bfloat16 or float32")
-    if torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    from ..backends.hf import cpu_supports_bf16
-
-    return "bfloat16" if cpu_supports_bf16() else "float32"
-
-
 def _check(cfg: Config) -> None:
     for name in ("batch_size", "grad_accum", "max_length", "save_steps", "lora_r", "lora_alpha"):
         if getattr(cfg, name) < 1:
@@ -209,30 +193,12 @@ def build_trainer(cfg: Config, rows: list[dict], checkpoint_dir: Path):
     `checkpoint_dir`. Weights are float32; `dtype` bfloat16 trains under bf16 autocast."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
-
-    from ..backends.base import model_path
 
     _check(cfg)
     dtype = training_dtype(cfg.dtype)
-    path = model_path(cfg.model)
-    if path.startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():
-        raise UserError(f"sft.model {cfg.model!r}: directory not found; give a local model directory, a hub id or embedded")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"sft.model {cfg.model!r}: cannot load {path} ({e}); "
-                        "give a local model directory with safetensors weights, a hub id or embedded") from None
-    if not tokenizer.chat_template:
-        raise UserError(f"sft.model {cfg.model!r}: the tokenizer has no chat template; SFT on chat prompts needs one")
-    peft_config = None
-    if cfg.lora:
-        from peft import LoraConfig
-
-        # all linear layers of the blocks (peft leaves out the output head, which TRL requires)
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    model, tokenizer = load_causal_lm(cfg.model, "sft.model")
+    peft_config = lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None
     args = SFTConfig(
         output_dir=str(checkpoint_dir),
         num_train_epochs=cfg.epochs,
@@ -260,19 +226,6 @@ def build_trainer(cfg: Config, rows: list[dict], checkpoint_dir: Path):
     if len(trainer.train_dataset) == 0:  # TRL drops examples whose prompt alone fills max_length
         raise UserError(f"sft.max_length {cfg.max_length}: every prompt fills it, nothing left to train on; raise sft.max_length")
     return trainer
-
-
-def last_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest complete checkpoint (its trainer_state.json is written last), or None."""
-    done = []
-    for d in checkpoint_dir.glob("checkpoint-*"):
-        try:
-            step = int(d.name.split("-", 1)[1])
-            json.loads((d / "trainer_state.json").read_text(encoding="utf-8"))
-        except (ValueError, OSError):
-            continue
-        done.append((step, d))
-    return max(done)[1] if done else None
 
 
 def loss_curve(log_history: list[dict]) -> list[dict]:
@@ -318,24 +271,6 @@ responses to red-team prompts{" mixed with helpful samples" if summary['helpful_
 - training time: {summary['seconds']} s ({summary['seconds_per_step']} s/step), dtype {summary['dtype']}
 - date: {now()}
 """
-
-
-def save_model(trainer, target: Path, card: str) -> None:
-    """Write the trained (LoRA-merged) model, tokenizer and card to `target` via a temp dir + rename."""
-    model = trainer.model
-    if hasattr(model, "merge_and_unload"):  # a peft model
-        model = model.merge_and_unload()
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        model.save_pretrained(str(tmp))
-        trainer.processing_class.save_pretrained(str(tmp))
-        (tmp / "README.md").write_text(card, encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _fingerprint(rows: list[dict]) -> str:
