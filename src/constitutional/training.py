@@ -52,7 +52,7 @@ def training_dtype(spec: str) -> str:
         raise UserError(f"dtype {spec!r}: use auto, bfloat16 or float32")
     if torch.cuda.is_available():
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    from ..backends.hf import cpu_supports_bf16
+    from .backends.hf import cpu_supports_bf16
 
     return "bfloat16" if cpu_supports_bf16() else "float32"
 
