@@ -131,7 +131,7 @@ def test_headline_reports_timings_and_the_numbers_that_matter(tmp_path):
     rd = RunDir(tmp_path / "run")
     rd.manifest["stages"] = {
         "label": {"seconds": 10.0, "summary": {"verdict": "labeler position-dominated"}},
-        "train-pm": {"seconds": 20.0, "summary": {"mc_accuracy": 0.64, "mc_accuracy_untrained": 0.40, "heldout_accuracy": 0.92}},
+        "train-pm": {"seconds": 20.0, "summary": {"mc_accuracy": 0.64, "mc_accuracy_untrained": 0.40, "heldout_accuracy": 0.0, "heldout_comparisons": 2}},
         "rl": {"seconds": 30.0, "summary": {"eval": {"prompts": 32, "win_rate_rl_cai": 0.56, "win_rate_ci95": [0.39, 0.72],
                                                      "pm_score_difference": 0.0015, "pm_score_difference_ci95": [-0.01, 0.01]}}},
         "eval": {"seconds": 5.0, "summary": {}},
@@ -145,6 +145,7 @@ def test_headline_reports_timings_and_the_numbers_that_matter(tmp_path):
     text = "\n".join(headline(rd, ["label", "train-pm", "rl", "eval", "report"]))
     assert "label 10, train-pm 20, rl 30, eval 5, report 1; total 66 s" in text
     assert "labeler position-dominated" in text and "0.64 (untrained head 0.40)" in text
+    assert "held-out agreement with the labels 0.00 (2 comparisons)" in text  # 0.0 is a number, not "missing"
     assert "win rate 0.56 [0.39, 0.72]" in text
     assert "base: refuses 10% of 10 harmful prompts, 0% of 10 benign look-alikes; harmlessness Elo +0" in text
     assert "report: runs/x/report/report.html" in text
