@@ -53,6 +53,26 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def read_records(path: str | Path, fix: str = "fix or remove it") -> list[tuple[object, int]]:
+    """Strict JSON Lines for input files: [(value, line number)], blank lines skipped. A file that is
+    not UTF-8 or a malformed line is a one-line `UserError` naming the line and ending with `fix`
+    (what to do). Callers check the shape of each value."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((json.loads(line), i))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{i}: malformed JSON line ({e.msg}); {fix}") from None
+    return out
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """Read a JSONL file written by `RecordShard`, ignoring a torn final line."""
     path = Path(path)

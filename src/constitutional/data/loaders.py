@@ -26,6 +26,7 @@ from typing import Any
 
 from ..constitution import builtin_path
 from ..errors import UserError
+from ..run import read_records
 
 TEXT_FIELDS = ("prompt", "question", "instruction", "text", "input", "transcript", "chosen")
 BUILTIN = {
@@ -121,15 +122,7 @@ def _read_records(path: Path) -> list[tuple[Any, str]]:
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text; save it as UTF-8") from None
     if suffix == ".jsonl":
-        out = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                out.append((json.loads(line), f"{path}:{i}"))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{i}: malformed JSON line ({e.msg}); fix or remove it") from None
-        return out
+        return [(rec, f"{path}:{n}") for rec, n in read_records(path)]
     if suffix == ".json":
         try:
             data = json.loads(text)

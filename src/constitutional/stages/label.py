@@ -24,7 +24,6 @@ near chance or dominated by position, i.e. when its labels carry little signal.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import sys
@@ -57,7 +56,7 @@ from ..feedback import (
     verdict,
     winner,
 )
-from ..run import RecordShard, RunDir, atomic_write_json
+from ..run import RecordShard, RunDir, atomic_write_json, read_records
 from . import resolve_model
 
 
@@ -167,14 +166,8 @@ def load_pairs(path: Path, default: bool) -> list[dict]:
         raise UserError(f"{path}: pairs file not found; check label.pairs, or run `cai sample` to make <run>/sample/pairs.jsonl")
     out: list[dict] = []
     seen: set[str] = set()
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for rec, n in read_records(path, "fix it or rerun `cai sample --force`"):
         where = f"{path}:{n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: malformed JSON line ({e.msg}); fix it or rerun `cai sample --force`") from None
         if not isinstance(rec, dict) or "id" not in rec:
             raise UserError(f"{where}: expected an object with id, prompt/messages and responses")
         responses = rec.get("responses")

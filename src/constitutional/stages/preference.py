@@ -25,7 +25,6 @@ counted in the summary.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -36,7 +35,7 @@ from pathlib import Path
 from ..config import opt
 from ..data.loaders import parse_transcript, split_of
 from ..errors import UserError
-from ..run import RunDir, atomic_write_json, atomic_write_text
+from ..run import RunDir, atomic_write_json, atomic_write_text, read_records
 from . import resolve_model
 
 STAGE = "train-pm"
@@ -98,19 +97,9 @@ def read_comparisons(path: Path, default_p: float | None = None) -> list[Compari
 
     `p_chosen` is required unless `default_p` is given; `split` defaults to the hash of the id.
     """
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text; save it as UTF-8") from None
     out, seen = [], set()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{i}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: malformed JSON line ({e.msg}); fix or remove it") from None
+    for rec, n in read_records(path):
+        where = f"{path}:{n}"
         if not isinstance(rec, dict):
             raise UserError(f"{where}: expected an object with prompt, chosen, rejected, p_chosen")
         missing = [k for k in ("chosen", "rejected") if k not in rec]
@@ -122,7 +111,7 @@ def read_comparisons(path: Path, default_p: float | None = None) -> list[Compari
             raise UserError(f"{where}: missing field 'p_chosen' (the labeler's probability that chosen is better)")
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0.0 <= p <= 1.0:
             raise UserError(f"{where} (p_chosen): {p!r} is not a probability in [0, 1]")
-        rid = str(rec.get("id", f"{path.stem}-{i:05d}"))
+        rid = str(rec.get("id", f"{path.stem}-{n:05d}"))
         if rid in seen:
             raise UserError(f"{where}: duplicate id {rid!r}; ids must be unique")
         seen.add(rid)

@@ -47,6 +47,7 @@ from pathlib import Path
 from ..config import opt, to_dict
 from ..errors import UserError
 from ..run import RunDir, atomic_write_json, atomic_write_text, now
+from ..run import read_records as run_read_records
 from ..training import last_checkpoint, load_causal_lm, lora_config, save_model, training_dtype  # noqa: F401 (training_dtype: used by tests)
 
 
@@ -76,19 +77,12 @@ class Config:
 
 
 def read_records(path: Path) -> list[tuple[int, dict]]:
-    """Strict JSON Lines reader -> [(line number, record)]; a malformed line is a `UserError`."""
+    """Strict JSON Lines -> [(line number, record)]; a malformed line is a `UserError`."""
     records = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{i}: malformed JSON ({e.msg}); fix or delete the line "
-                            "(a rerun of `cai revise` repairs a torn last line)") from None
+    for rec, n in run_read_records(path, "fix or delete the line (a rerun of `cai revise` repairs a torn last line)"):
         if not isinstance(rec, dict):
-            raise UserError(f"{path}:{i}: expected a JSON object per line")
-        records.append((i, rec))
+            raise UserError(f"{path}:{n}: expected a JSON object per line")
+        records.append((n, rec))
     return records
 
 
