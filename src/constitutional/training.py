@@ -35,6 +35,27 @@ def load_causal_lm(spec: str, setting: str):
     return model, tokenizer
 
 
+def trainer_args(checkpoint_dir, dtype: str, save_steps: int, seed: int) -> dict:
+    """The TRL/transformers training arguments `sft` and `rl` share: float32 weights with bf16
+    autocast when `dtype` (a `training_dtype`) is bfloat16, a log line per step, no trackers, one
+    checkpoint kept every `save_steps`, seeded data order."""
+    import torch
+
+    return dict(
+        output_dir=str(checkpoint_dir),
+        bf16=dtype == "bfloat16",
+        fp16=False,
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=1,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=1,
+        seed=seed,
+        data_seed=seed,
+    )
+
+
 def lora_config(r: int, alpha: int):
     """LoRA on all linear layers of the blocks (peft leaves out the output head, which TRL requires)."""
     from peft import LoraConfig

@@ -63,7 +63,7 @@ from ..feedback import CHANCE_MARGIN, winner
 from ..rl_math import apply_length_penalty, bootstrap_mean_ci, kl_estimate, normalize_rewards, wilson_interval
 from ..run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now, read_jsonl
 from . import load_prompt_sets, resolve_model
-from ..training import last_checkpoint, load_causal_lm, lora_config, save_model, training_dtype
+from ..training import last_checkpoint, load_causal_lm, lora_config, save_model, trainer_args, training_dtype
 
 STAGE = "rl"
 ScoreFn = Callable[[Sequence, Sequence[str]], Sequence[float]]  # (conversations, responses) -> scores
@@ -261,7 +261,6 @@ class KLGuard:
 
 def build_trainer(cfg: Config, rows: list[dict], policy: str, reward: PolicyReward, checkpoint_dir: Path, callbacks=()):
     """A `trl.RLOOTrainer` (or `GRPOTrainer`) on `rows`, float32 weights (bf16 autocast per `dtype`)."""
-    import torch
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
@@ -270,7 +269,7 @@ def build_trainer(cfg: Config, rows: list[dict], policy: str, reward: PolicyRewa
     peft_config = lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None
     config_cls, trainer_cls = (RLOOConfig, RLOOTrainer) if cfg.algorithm == "rloo" else (GRPOConfig, GRPOTrainer)
     args = config_cls(
-        output_dir=str(checkpoint_dir),
+        **trainer_args(checkpoint_dir, training_dtype(cfg.dtype), cfg.save_steps, cfg.seed),
         max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.batch_size * cfg.num_generations,  # completions, not prompts
@@ -280,16 +279,6 @@ def build_trainer(cfg: Config, rows: list[dict], policy: str, reward: PolicyRewa
         beta=cfg.beta,
         disable_dropout=True,  # policy and reference must score the same tokens identically
         activation_checkpointing=False,  # TRL turns it on by default; for small models it only costs time
-        bf16=training_dtype(cfg.dtype) == "bfloat16",
-        fp16=False,
-        use_cpu=not torch.cuda.is_available(),
-        logging_steps=1,
-        report_to=[],
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=1,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
     )
     return trainer_cls(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
                        processing_class=tokenizer, peft_config=peft_config, callbacks=[_on_log_callback(c) for c in callbacks])

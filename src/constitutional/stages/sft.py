@@ -48,7 +48,7 @@ from ..config import opt, to_dict
 from ..errors import UserError
 from ..run import RunDir, atomic_write_json, atomic_write_text, now
 from ..run import read_records as run_read_records
-from ..training import last_checkpoint, load_causal_lm, lora_config, save_model, training_dtype  # noqa: F401 (training_dtype: used by tests)
+from ..training import last_checkpoint, load_causal_lm, lora_config, save_model, trainer_args, training_dtype  # noqa: F401 (training_dtype: used by tests)
 
 
 @dataclass
@@ -185,7 +185,6 @@ def _check(cfg: Config) -> None:
 def build_trainer(cfg: Config, rows: list[dict], checkpoint_dir: Path):
     """A `trl.SFTTrainer` on the prompt/completion `rows` (completion-only loss), checkpointing into
     `checkpoint_dir`. Weights are float32; `dtype` bfloat16 trains under bf16 autocast."""
-    import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -194,7 +193,7 @@ def build_trainer(cfg: Config, rows: list[dict], checkpoint_dir: Path):
     model, tokenizer = load_causal_lm(cfg.model, "sft.model")
     peft_config = lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None
     args = SFTConfig(
-        output_dir=str(checkpoint_dir),
+        **trainer_args(checkpoint_dir, dtype, cfg.save_steps, cfg.seed),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         learning_rate=cfg.learning_rate,
@@ -204,16 +203,6 @@ def build_trainer(cfg: Config, rows: list[dict], checkpoint_dir: Path):
         completion_only_loss=True,
         # transformers 5's name for gradient_checkpointing (passing the old one, TRL's default, warns)
         activation_checkpointing=cfg.gradient_checkpointing,
-        bf16=dtype == "bfloat16",
-        fp16=False,
-        use_cpu=not torch.cuda.is_available(),
-        logging_steps=1,
-        report_to=[],
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=1,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
     )
     data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config)
