@@ -12,7 +12,7 @@ Every stage that runs a model at inference time talks to it through three calls:
 - `sequence_logprobs(prompts, continuations) -> list[float]`: log p(continuation | prompt), nats.
 
 Model strings: `embedded` (the default SmolLM2-135M-Instruct), a local directory or hub id (`hf`),
-`openai:URL#model` (an OpenAI-compatible server; issue 8), and `prompted:<model>` or
+`openai:URL#model` (an OpenAI-compatible server, `openai.py`), and `prompted:<model>` or
 `prompted:<context file>#<model>`: that model with a context C in front of every request (dialogue
 prompting, `context.py`).
 """
@@ -89,7 +89,9 @@ def load_backend(model: str, **options) -> Backend:
         context = load_context(context)  # a bad context file fails before a model is loaded
         return PromptedBackend(load_backend(inner, **options), context, name=model)
     if model.startswith("openai:"):
-        raise UserError(f"model {model!r}: the openai backend is not built yet (issue 8); use `embedded` or a local model directory")
+        from .openai import OpenAIBackend
+
+        return OpenAIBackend(model, **options)
     from .hf import HFBackend
 
     if model == "embedded":
