@@ -72,7 +72,8 @@ def catalog(tmp_path, tiny):
         "unknown model directory": (["baseline", "--run-dir", rd, "--set", f"model={tmp_path}"], "no config.json"),
         "missing model path": (["baseline", "--run-dir", rd, "--set", f"model={tmp_path / 'no' / 'model'}"], "no such model directory"),
         "unknown model id": (["baseline", "--run-dir", rd, "--set", "model=no-such-org/no-such-model-xyz"], "cannot load it"),
-        "openai backend not built": (["baseline", "--run-dir", rd, "--set", "model=openai:http://localhost:1#m"], "not built yet"),
+        "openai model string without a model": (["baseline", "--run-dir", rd, "--set", "model=openai:http://localhost:1/v1"], "no model name after '#'"),
+        "openai server not reachable": (["baseline", "--run-dir", rd, "--set", "model=openai:http://127.0.0.1:1/v1#m"], "check that the server is up"),
         "option the tokenizer cannot express": (base + ["--set", f"prompts={f['ok_prompts']}", "--set", "split=all", "--set", f"mc={f['empty_option']}"], "empty option"),
         "prompt longer than the context": (base + ["--set", f"prompts={f['long_prompt']}", "--set", "split=all"], "longer than the context"),
         "unwritable run dir": (["baseline", "--run-dir", str(f["bad_yaml"] / "sub"), "--set", f"model={tiny}"], "cannot write"),
@@ -87,6 +88,7 @@ def test_error_catalog_in_process(tmp_path, tiny_model_dir, capsys, monkeypatch)
     from constitutional import stages
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("CAI_OPENAI_MAX_RETRIES", "0")  # the unreachable server fails at once
     # a stage that is not built (every stage is built now: pretend `report` is not)
     monkeypatch.setitem(stages.BY_NAME, "report", dataclasses.replace(stages.BY_NAME["report"], module=None))
     cases = catalog(tmp_path, tiny_model_dir)

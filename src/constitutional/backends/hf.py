@@ -16,8 +16,22 @@ and every critique and label prompt starts with the same few-shot block. This ba
 
 Weights load from safetensors only and never with `trust_remote_code`. bf16 is used where the
 hardware supports it (`dtype="auto"`), float32 otherwise or on request.
-Departures: no beam search, no repetition penalty; the CUDA static-cache/compiled decode path is
-issue 8 (no GPU was available to verify it here).
+Departures: no beam search; the repetition penalty is CTRL-style over the generated tokens only.
+
+Static-cache fast path (`static_cache`, default on with CUDA; `compile`, default on with it on CUDA;
+the environment variables CAI_STATIC_CACHE / CAI_COMPILE give the defaults). On a GPU the dynamic
+loop above is bound by per-step overhead (Python, kernel launches, growing caches), so
+`_generate_batch_static` keeps every shape fixed for the whole decode: a transformers `StaticCache`
+of P + L + max_new slots rounded up to a multiple of 256, a batch padded to the next power of two
+(at most `batch_size`) with ignored dummy rows, finished rows kept and fed padding instead of being
+dropped, and a preallocated (rows, cache length) attention mask updated in place. The shared prefix
+is copied from the prefix KV cache into the first P slots of every row; the prefill is one eager
+forward with the same 4D mask as the dynamic path, sized to the cache. Each decode step is one call
+of `model.forward` compiled once per backend: `torch.compile(mode="reduce-overhead",
+fullgraph=True)` (CUDA graphs) on CUDA, plain inductor on CPU with `compile="on"`. Sampling, seeds,
+the repetition penalty, eos/stop handling and the counters are those of the dynamic path.
+Verified here on CPU only (float32 tiny Llama, eager and compiled: token-identical to the dynamic
+path, greedy and seeded sampling); not yet verified on a GPU.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
@@ -88,27 +103,22 @@ class HFBackend:
         prefix_cache: bool = True,
         min_prefix_tokens: int = 16,
         system_prompt: str | None = None,
+        static_cache: str | None = None,
+        compile: str | None = None,
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.name = name or model
-        self.path = model
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+        self._configure(name or model, model, device, batch_size, prefix_cache, min_prefix_tokens, system_prompt)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.batch_size = max(1, int(batch_size))
-        self.prefix_cache = prefix_cache
-        self.min_prefix_tokens = min_prefix_tokens
-        # None keeps the chat template's own default system prompt (SmolLM2 injects one);
-        # a string replaces it for conversations that carry no system message.
-        self.system_prompt = system_prompt
         local = Path(model).expanduser()
         if not local.exists() and (model.startswith(("/", ".", "~")) or model.count("/") > 1):
             raise UserError(f"model {model!r}: no such model directory; check the path, or use `embedded`, a hub id, or openai:URL#model")
         if local.exists() and not (local / "config.json").is_file():
             raise UserError(f"model {model!r}: directory has no config.json; point to a transformers model directory")
+        static, compiled = _static_options(static_cache, compile)  # bad values fail before loading
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
-            self.model = AutoModelForCausalLM.from_pretrained(
+            tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+            loaded = AutoModelForCausalLM.from_pretrained(
                 model, dtype=self.dtype, use_safetensors=True, trust_remote_code=False
             )
         except (OSError, ValueError, EnvironmentError) as e:
@@ -117,6 +127,40 @@ class HFBackend:
                 f"model {model!r}: cannot load it ({first[:200]}); use `embedded`, a local model directory with "
                 "safetensors weights, a reachable hub id, or openai:URL#model"
             ) from None
+        self._attach(loaded, tokenizer, static, compiled)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, name: str = "in-memory", device: str | None = None, **options) -> "HFBackend":
+        """A backend around an already loaded model and tokenizer (benchmarks, tests): no loading, the
+        model keeps its dtype and, unless `device` is given, its device. Options as for the constructor
+        (batch_size, prefix_cache, min_prefix_tokens, system_prompt, static_cache, compile)."""
+        self = cls.__new__(cls)
+        static_cache, compile = options.pop("static_cache", None), options.pop("compile", None)
+        unknown = set(options) - {"batch_size", "prefix_cache", "min_prefix_tokens", "system_prompt"}
+        if unknown:
+            raise TypeError(f"from_model: unknown options {sorted(unknown)}")
+        dev = device or str(next(model.parameters()).device)
+        self._configure(name, getattr(model, "name_or_path", name), dev, options.get("batch_size", 16), options.get("prefix_cache", True),
+                        options.get("min_prefix_tokens", 16), options.get("system_prompt"))
+        self.dtype = next(model.parameters()).dtype
+        static, compiled = _static_options(static_cache, compile)
+        self._attach(model, tokenizer, static, compiled)
+        return self
+
+    def _configure(self, name, path, device, batch_size, prefix_cache, min_prefix_tokens, system_prompt) -> None:
+        self.name = name
+        self.path = path
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+        self.batch_size = max(1, int(batch_size))
+        self.prefix_cache = prefix_cache
+        self.min_prefix_tokens = min_prefix_tokens
+        # None keeps the chat template's own default system prompt (SmolLM2 injects one);
+        # a string replaces it for conversations that carry no system message.
+        self.system_prompt = system_prompt
+
+    def _attach(self, model, tokenizer, static: str, compiled: str) -> None:
+        self.tokenizer = tokenizer
+        self.model = model
         self.model.to(self.device).eval()
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         gen = getattr(self.model, "generation_config", None)
@@ -127,6 +171,18 @@ class HFBackend:
         self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids), 0))
         self._prefix_kv: OrderedDict[tuple, object] = OrderedDict()
         self.stats = {"prefill_tokens": 0, "prefix_tokens_reused": 0, "generated_tokens": 0}
+        # static cache + compiled decode (see the module docstring); "auto" means on with CUDA
+        supported = _static_cache_supported(self.model.config)
+        if static == "on" and not supported:
+            raise UserError(
+                f"static_cache=on: {self.name} has attention layers the static decode path does not handle "
+                "(sliding-window or non-attention layers); use static_cache=off"
+            )
+        self.use_static_cache = supported and (static == "on" or (static == "auto" and self.device.type == "cuda"))
+        self.use_compile = self.use_static_cache and (compiled == "on" or (compiled == "auto" and self.device.type == "cuda"))
+        self._decode_fn = None  # the (compiled) decode step, built on first use
+        self._static_ok = False  # set once a static batch went through
+        self._static: OrderedDict[tuple[int, int], object] = OrderedDict()  # (rows, cache length) -> StaticCache
 
     # ---------------------------------------------------------------- encoding
     def render_chat(self, conversation: Conversation, add_generation_prompt: bool = True) -> str:
@@ -247,6 +303,18 @@ class HFBackend:
         return outputs
 
     def _generate_batch(self, prefix: tuple[int, ...], batch, params: GenerationParams) -> list[tuple[list[int], bool]]:
+        if self.use_static_cache:
+            if self._static_ok:
+                return self._generate_batch_static(prefix, batch, params)
+            try:  # the first batch shows whether this model/device/torch can take the static path
+                out = self._generate_batch_static(prefix, batch, params)
+                self._static_ok = True
+                return out
+            except Exception as e:  # noqa: BLE001 (compile/graph failures come in many types)
+                print(f"[hf] static-cache decode failed on {self.name} ({type(e).__name__}: {str(e)[:160]}); "
+                      "using the dynamic path (set CAI_STATIC_CACHE=off to skip the attempt)", file=sys.stderr)
+                self.use_static_cache = self.use_compile = False
+                self._static.clear()
         dev, P, B = self.device, len(prefix), len(batch)
         suffixes = [ids[P:] for _, ids, _ in batch]
         L = max(len(s) for s in suffixes)
@@ -312,6 +380,138 @@ class HFBackend:
             cache = out.past_key_values
             logits = out.logits[:, -1, :].float()
             next_pos = next_pos + 1
+        return list(zip(generated, ended))
+
+    # ---------------------------------------------------------------- static-cache decode
+    def _static_rows(self, batch: int) -> int:
+        """Rows of the static batch: the next power of two, at most `batch_size` (never fewer than `batch`)."""
+        rows = 1 << max(0, batch - 1).bit_length()
+        return max(batch, min(rows, self.batch_size))
+
+    def _static_cache(self, rows: int, length: int):
+        """A reset StaticCache of `rows` x `length` slots. A few are kept (LRU) and reused: a reused cache
+        keeps its tensor addresses, so the CUDA graph captured for its shape replays without re-recording."""
+        from transformers import StaticCache
+
+        key = (rows, length)
+        cache = self._static.pop(key, None)
+        if cache is not None:
+            self._static[key] = cache
+            cache.reset()
+            return cache
+        while len(self._static) >= 4 or (self._static and not self._room_for(rows, length)):
+            self._static.popitem(last=False)  # free old caches before the new one is allocated (lazily, at prefill)
+        cache = StaticCache(config=self.model.config, max_cache_len=length)
+        self._static[key] = cache
+        return cache
+
+    def _room_for(self, rows: int, length: int) -> bool:
+        """Whether a new static cache fits in free GPU memory twice over (else the kept ones are dropped)."""
+        if self.device.type != "cuda":
+            return True
+        cfg = self.model.config.get_text_config(decoder=True)
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        need = 2 * cfg.num_hidden_layers * rows * heads * length * head_dim * torch.finfo(self.dtype).bits // 8
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return free > 2 * need
+
+    def _decode_step(self):
+        """The decode forward: the model, or `model.forward` compiled once per backend when `compile` is on."""
+        if self._decode_fn is None:
+            if not self.use_compile:
+                self._decode_fn = self.model
+            else:
+                import torch._dynamo
+
+                # every (rows, cache length) shape is one graph; the default limit of 8 would fall back to eager
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+                if self.device.type == "cuda":
+                    self._decode_fn = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True, dynamic=False)
+                else:
+                    self._decode_fn = torch.compile(self.model.forward, fullgraph=True, dynamic=False)
+        return self._decode_fn
+
+    def _generate_batch_static(self, prefix: tuple[int, ...], batch, params: GenerationParams) -> list[tuple[list[int], bool]]:
+        """`_generate_batch` with fixed shapes: StaticCache, padded batch, finished rows kept (see the module docstring)."""
+        dev, P, B = self.device, len(prefix), len(batch)
+        R = self._static_rows(B)
+        suffixes = [ids[P:] for _, ids, _ in batch]
+        L = max(len(s) for s in suffixes)
+        max_new = min(params.max_new_tokens, self.max_positions - (P + L))
+        C = -(-(P + L + max_new) // 256) * 256  # cache slots, rounded so that graphs are reused across batches
+        rows = suffixes + [suffixes[-1]] * (R - B)  # dummy rows repeat a real one and are ignored
+        input_ids = torch.full((R, L), self.pad_id, dtype=torch.long)
+        valid = torch.zeros((R, C), dtype=torch.bool)  # keys a row may see; slots past P + L are not written yet
+        valid[:, :P] = True
+        for r, s in enumerate(rows):
+            input_ids[r, L - len(s) :] = torch.tensor(s)
+            valid[r, P + L - len(s) : P + L] = True
+        pos = (valid[:, : P + L].long().cumsum(-1) - 1).clamp(min=0)
+        q_idx = torch.arange(L)[:, None] + P
+        k_idx = torch.arange(C)[None, :]
+        allowed = (k_idx <= q_idx)[None] & valid[:, None, :]
+        allowed |= (k_idx == q_idx)[None]
+        mask = torch.zeros((R, 1, L, C), dtype=self.dtype)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(self.dtype).min)
+        cache = self._static_cache(R, C)
+        if P:
+            for i, layer in enumerate(self._prefix_cache(prefix).layers):  # the prefix fills slots [0, P) of every row
+                k, v = layer.keys, layer.values
+                cache.update(k.expand(R, *k.shape[1:]), v.expand(R, *v.shape[1:]), i)
+            self.stats["prefix_tokens_reused"] += P * B
+        out = self.model(
+            input_ids=input_ids.to(dev),
+            attention_mask=mask.to(dev),
+            position_ids=pos[:, P:].to(dev),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.stats["prefill_tokens"] += int(sum(len(s) for s in suffixes))
+        logits = out.logits[:, -1, :].float()
+        del out, mask, allowed
+        gens = [torch.Generator().manual_seed(seed) for _, _, seed in batch]
+        generated: list[list[int]] = [[] for _ in range(B)]
+        ended = [False] * B  # stopped by eos or a stop string
+        active = list(range(B))  # real rows still generating
+        # fixed-shape decode inputs, updated in place
+        attn = valid.long().to(dev)
+        next_pos = (pos[:, -1:] + 1).to(dev)
+        step_ids = torch.full((R, 1), self.pad_id, dtype=torch.long, device=dev)
+        decode = self._decode_step()
+        graphs = self.use_compile and dev.type == "cuda"
+        for step in range(max_new):
+            rows_logits = logits if len(active) == R else logits[torch.tensor(active, device=logits.device)]
+            if params.repetition_penalty != 1.0:
+                rows_logits = _penalise_repeats(rows_logits, [generated[r] for r in active], params.repetition_penalty)
+            tokens = self._sample(rows_logits, [gens[r] for r in active], params)
+            keep = []
+            for k, r in enumerate(active):
+                t = int(tokens[k])
+                if t in self.eos_ids:
+                    ended[r] = True
+                    continue
+                generated[r].append(t)
+                if params.stop and self._hit_stop(generated[r], params.stop):
+                    ended[r] = True
+                    continue
+                keep.append(k)
+            self.stats["generated_tokens"] += len(active)
+            if not keep or step == max_new - 1:
+                break
+            active = [active[k] for k in keep]
+            feed = torch.full((R,), self.pad_id, dtype=torch.long)  # finished and dummy rows decode padding
+            feed[torch.tensor(active)] = tokens[torch.tensor(keep)]
+            step_ids.copy_(feed[:, None])
+            attn[:, P + L + step] = 1  # the slot this step writes
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            out = decode(input_ids=step_ids, attention_mask=attn, position_ids=next_pos, past_key_values=cache, use_cache=True)
+            # a copy: CUDA-graph outputs are overwritten by the next replay (and .float() of fp32 is no copy)
+            logits = out.logits[:, -1, :].to(torch.float32, copy=True)
+            next_pos += 1
         return list(zip(generated, ended))
 
     def _hit_stop(self, ids: list[int], stops: list[str]) -> bool:
@@ -448,6 +648,39 @@ class HFBackend:
                 logp = torch.log_softmax(self.model(input_ids=ids).logits.float(), dim=-1)[0].cpu()
             out.append(float(sum(logp[len(p_ids) - 1 + t, tok] for t, tok in enumerate(o_ids))))
         return out
+
+
+def _static_options(static_cache, compile) -> tuple[str, str]:
+    """Validated `static_cache` / `compile` settings ("auto", "on" or "off"); unset ones come from
+    CAI_STATIC_CACHE / CAI_COMPILE, else "auto". `compile="on"` turns an "auto" static cache on."""
+    out = []
+    for what, env, value in (("static_cache", "CAI_STATIC_CACHE", static_cache), ("compile", "CAI_COMPILE", compile)):
+        source = what
+        if value is None:
+            value, source = os.environ.get(env, "auto"), f"{env} (environment)"
+        if isinstance(value, bool):
+            value = "on" if value else "off"
+        value = str(value).strip().lower()
+        if value not in ("auto", "on", "off"):
+            raise UserError(f"{source}={value!r}: use auto, on or off")
+        out.append(value)
+    static, compiled = out
+    if compiled == "on":
+        if static == "off":
+            raise UserError("compile=on needs the static cache (it compiles the static decode step); set static_cache to auto or on")
+        static = "on"
+    return static, compiled
+
+
+def _static_cache_supported(config) -> bool:
+    """True when a StaticCache of this model has plain full-attention layers only (what the static path handles)."""
+    try:
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+
+        return all(type(layer) is StaticLayer for layer in StaticCache(config=config, max_cache_len=8).layers)
+    except Exception:  # an exotic config: keep the dynamic path
+        return False
 
 
 def _penalise_repeats(logits: torch.Tensor, generated: list[list[int]], penalty: float) -> torch.Tensor:
