@@ -99,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return cmd_stage(args)
     except UserError as e:
-        print(f"cai: error: {e}", file=sys.stderr)
+        from .distributed import is_main
+
+        if is_main():  # several training processes fail alike: one line, from the main one
+            print(f"cai: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("cai: interrupted; rerun the same command to resume", file=sys.stderr)

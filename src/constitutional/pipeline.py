@@ -8,6 +8,7 @@ config (unless `--force`), and records its status, timings and summary in the ma
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from . import stages
+from . import distributed, stages
 from .config import build, config_hash, load_yaml, merge, opt, parse_overrides, to_dict
 from .errors import UserError
 from .run import RunDir
@@ -94,12 +95,62 @@ def cmd_stage(args) -> int:
     section = merge(merge(sections.get(args.command, {}), over), scoped)
     module, cfg = stage_config(args.command, section, pipe, f"{source} --set" if args.set else source)
     run_dir = RunDir(args.run_dir)
+    if distributed.world_size() > 1:
+        if args.command not in distributed.TRAINING_STAGES:
+            raise UserError(
+                f"cai {args.command}: runs in one process; start it without accelerate launch/torchrun "
+                f"(only {', '.join(distributed.TRAINING_STAGES)} train with several processes; serve the model with an "
+                "OpenAI-compatible server and use openai:URL#model to scale out generation)"
+            )
+        run_stage_ranks(args.command, module, cfg, run_dir, args.force)
+        return 0
     with run_dir.locked():
         run_stage(args.command, module, cfg, run_dir, args.force)
     return 0
 
 
+def run_stage_ranks(name: str, module, cfg, run_dir: RunDir, force: bool) -> dict | None:
+    """`run_stage` for one of several training processes (see distributed.py): the main process
+    holds the lock, decides and keeps the manifest; every rank runs the stage."""
+    with contextlib.ExitStack() as stack:
+        decision = "run"
+        if distributed.is_main():
+            try:
+                stack.enter_context(run_dir.locked())
+                if getattr(module, "ALWAYS_RUN", False):
+                    run_dir.manifest["stages"].pop(name, None)
+                if not run_dir.begin(name, to_dict(cfg), config_hash(cfg), getattr(cfg, "seed", None), force=force):
+                    decision = "skip"
+            except UserError as e:
+                decision = f"error:{e}"
+        decision = distributed.broadcast(decision)
+        if decision.startswith("error:"):
+            raise UserError(decision[len("error:"):])
+        if decision == "skip":
+            if distributed.is_main():
+                print(f"[{name}] already done with this config, skipped (use --force to rerun)", file=sys.stderr)
+            return run_dir.stage_status(name).get("summary")
+        try:
+            summary = module.run(cfg, run_dir)
+        except BaseException as e:
+            if distributed.is_main():
+                run_dir.fail(name, f"{type(e).__name__}: {e}")
+            raise
+        if not distributed.is_main():
+            return summary
+        summary = {**(summary or {}), "processes": distributed.world_size()}
+        run_dir.finish(name, summary)
+        secs = run_dir.stage_status(name).get("seconds")
+        print(f"[{name}] done in {secs}s on {distributed.world_size()} processes: {json.dumps(summary, ensure_ascii=False)}", file=sys.stderr)
+        return summary
+
+
 def _run_pipeline(data: dict, source: str, overrides: list[str], run_dir_arg: str | None, force: bool, skip_unbuilt: bool) -> int:
+    if distributed.world_size() > 1:
+        raise UserError(
+            "cai run/quickstart: a pipeline runs in one process; under accelerate launch/torchrun run the training "
+            f"stages one by one ({', '.join(f'cai {s}' for s in distributed.TRAINING_STAGES)}), the others without a launcher"
+        )
     data = merge(data or {}, parse_overrides(overrides))
     pipe, sections = split_pipeline(data, source)
     if not pipe.stages:

@@ -169,7 +169,7 @@ class RunDir:
         self.path = Path(path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-test"
+            probe = self.path / f".write-test-{os.getpid()}"  # per process: several training ranks start at once
             probe.write_text("")
             probe.unlink()
         except OSError as e:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import UserError
@@ -92,18 +91,35 @@ def last_checkpoint(checkpoint_dir: Path) -> Path | None:
 
 
 def save_model(trainer, target: Path, card: str) -> None:
-    """Write the trained (LoRA-merged) model, tokenizer and card to `target` via a temp dir + rename."""
-    model = trainer.model
-    if hasattr(model, "merge_and_unload"):  # a peft model
-        model = model.merge_and_unload()
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    """Write the trained (LoRA-merged) model, tokenizer and card to `target` via a temp dir + rename.
+
+    Under several processes every rank must call this: `trainer.save_model` gathers sharded weights
+    (FSDP, DeepSpeed ZeRO-3) and only the main process writes; the rename happens on the main one.
+    """
+    from . import distributed
+
+    tmp = target.parent / f".{target.name}.tmp-save"
+    if distributed.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save killed half-way
+    distributed.barrier()
     try:
-        model.save_pretrained(str(tmp))
-        trainer.processing_class.save_pretrained(str(tmp))
-        (tmp / "README.md").write_text(card, encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        model = trainer.model
+        if hasattr(model, "merge_and_unload") or not hasattr(trainer, "save_model"):  # peft, or our own loop (distill)
+            if hasattr(model, "merge_and_unload"):  # merge the LoRA adapter into the weights
+                model = model.merge_and_unload()
+            if distributed.is_main():
+                model.save_pretrained(str(tmp))
+                trainer.processing_class.save_pretrained(str(tmp))
+        else:
+            trainer.save_model(str(tmp))  # model and tokenizer; every rank takes part, the main one writes
+        if distributed.is_main():
+            (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the model directory holds safetensors and JSON
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    distributed.barrier()

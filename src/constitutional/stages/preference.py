@@ -21,6 +21,10 @@ scale; here the PM starts from the SL-CAI (or given) model with a fresh scalar h
 comparisons are whatever file `helpful` names (none by default). Helpful comparisons are all used for
 training (none held out). Comparisons longer than `max_length` tokens are skipped, as TRL does, and
 counted in the summary.
+
+Several processes (`accelerate launch ... -m constitutional.cli train-pm`, configs/accelerate/):
+data-parallel training; the main process measures the PM and writes the files (distributed.py).
+`batch_size` is per process.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pathlib import Path
 from ..config import opt
 from ..data.loaders import parse_transcript, split_of
 from ..errors import UserError
+from .. import distributed
 from ..run import RunDir, atomic_write_json, atomic_write_text, read_records
 from . import resolve_model
 
@@ -270,7 +275,9 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
         raise UserError(f"model {base!r}: cannot load its tokenizer ({first[:200]}); use `embedded`, a local model directory or a hub id") from None
     out = run_dir.stage_dir(STAGE)
     ckpt_dir, tmp = out / "checkpoints", out / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # a save cut short by a crash
+    with distributed.main_first() as main:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)  # a save cut short by a crash
     rows = [preference_row(tokenizer, c.messages, c.chosen, c.rejected, c.p_chosen) for c in train + helpful]
     trainer = SoftLabelRewardTrainer(
         model=base, args=_training_args(cfg, ckpt_dir), train_dataset=Dataset.from_list(rows), processing_class=tokenizer
@@ -283,7 +290,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     # The baseline for the trained PM's metrics: the same model with its fresh (random) head.
     # Not measured on a resume (the initial head is gone); train mode is restored by train().
     untrained = None
-    if not last:
+    if not last and distributed.is_main():
         pm0 = PreferenceModel(trainer.model, tokenizer, batch_size=cfg.batch_size, name="untrained")
         untrained = {"heldout": _heldout_metrics(pm0, heldout)}
         if mc_items:
@@ -294,8 +301,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     seconds = time.time() - t0
     steps, log_history = trainer.state.global_step, trainer.state.log_history
     trainer.save_model(str(tmp))  # every process takes part (FSDP/DeepSpeed gather the weights); the main one writes
-    if not trainer.is_world_process_zero():
-        return {}
+    if not distributed.is_main():
+        return {}  # the main process measures, writes and reports
     del trainer
     (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the model directory holds safetensors and JSON only
 

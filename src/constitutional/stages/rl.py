@@ -38,7 +38,7 @@ nats per response, the end-of-turn token not counted). Checkpoints go to `checkp
 Departures: no PPO (TRL 1.16 has none; the paper used PPO): RLOO, REINFORCE with a leave-one-out
 baseline and no value function; the KL is TRL's per-token estimate rather than an exact KL; the paper's
 PM was pre-trained on human helpfulness labels, ours only sees what `cai train-pm` saw; the defaults are
-sized for a 135M model on a CPU. Single process only (as `cai sft`).
+sized for a 135M model on a CPU. Several processes: as `cai sft` (the held-out evaluation runs on the main one).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from typing import Callable, Sequence
 
 from tqdm import tqdm
 
+from .. import distributed
 from ..config import build, opt, to_dict
 from ..errors import UserError
 from ..feedback import CHANCE_MARGIN, winner
@@ -442,13 +443,15 @@ def train(cfg: Config, run_dir: RunDir, rows: list[dict], counts: dict, policy: 
     checkpoint_dir = out / "checkpoints"
     resume = last_checkpoint(checkpoint_dir)
     resumed_from = int(resume.name.split("-", 1)[1]) if resume else 0
-    # metrics of steps after the checkpoint belong to a run that is redone now
-    kept = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= resumed_from]
-    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-    guard = KLGuard(cfg.max_kl)
-    with RecordShard(out / "metrics.jsonl") as shard:
+    with distributed.main_first() as main:
+        if main:  # metrics of steps after the checkpoint belong to a run that is redone now
+            kept = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= resumed_from]
+            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    guard = KLGuard(cfg.max_kl)  # every rank sees the same (gathered) logs, so all stop together
+    # the main process appends the metrics file; the other ranks keep their copy in memory
+    with RecordShard(out / "metrics.jsonl") if distributed.is_main() else _MemoryShard() as shard:
         trainer = build_trainer(cfg, rows, policy, reward, checkpoint_dir, callbacks=[MetricsRecorder(shard), guard])
-        if resume:
+        if resume and distributed.is_main():
             print(f"[rl] resuming from {resume}", file=sys.stderr)
         t0 = time.time()
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -472,23 +475,37 @@ def train(cfg: Config, run_dir: RunDir, rows: list[dict], counts: dict, policy: 
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "lora": cfg.lora, "dtype": training_dtype(cfg.dtype), "model": str(out / "model"),
     }
-    save_model(trainer, out / "model", model_card(cfg, summary, None))
+    save_model(trainer, out / "model", model_card(cfg, summary, None))  # every rank takes part
     return summary
+
+
+class _MemoryShard:
+    """A `RecordShard` stand-in that writes nothing (the training ranks other than the main one)."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def append(self, record: dict) -> None:
+        self.records.append(record)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
 
 
 def run(cfg: Config, run_dir: RunDir, reward_fn: ScoreFn | None = None) -> dict:
     """The stage. `reward_fn(conversations, responses) -> scores` replaces the preference model (tests)."""
     _check(cfg)
     out = run_dir.stage_dir(STAGE)
-    for stale in out.glob(".model.tmp-*"):  # a save killed half-way
-        shutil.rmtree(stale, ignore_errors=True)
     rows, counts = training_prompts(cfg, run_dir)
     held_out = eval_sets(cfg, run_dir)
     pm_dir = reward_model_dir(cfg, run_dir)
     if reward_fn is None and not (pm_dir / "config.json").is_file():
         raise UserError(f"{pm_dir}: no preference model there; run `cai train-pm` first or set rl.reward_model")
     pm_metrics = read_pm_metrics(pm_dir)
-    if pm_at_chance(pm_metrics):
+    if pm_at_chance(pm_metrics) and distributed.is_main():
         print(f"[rl] note: the preference model is near chance ({pm_at_chance(pm_metrics)}); its reward may carry no signal", file=sys.stderr)
     if reward_fn is None:
         from ..preference_model import PreferenceModel
@@ -504,17 +521,24 @@ def run(cfg: Config, run_dir: RunDir, reward_fn: ScoreFn | None = None) -> dict:
 
     fingerprint, checkpoint_dir = _fingerprint(rows, _model_stamp(model_path(policy)), reward_stamp), out / "checkpoints"
     stamp = checkpoint_dir / "inputs.sha256"
-    if checkpoint_dir.exists() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint):
-        print(f"[rl] {checkpoint_dir} belongs to other inputs; starting over", file=sys.stderr)
-        shutil.rmtree(checkpoint_dir)
-    atomic_write_text(stamp, fingerprint + "\n")
+    with distributed.main_first() as main:  # the main process cleans up and writes; the other ranks then read
+        if main:
+            for stale in out.glob(".model.tmp-*"):  # a save killed half-way
+                shutil.rmtree(stale, ignore_errors=True)
+            if checkpoint_dir.exists() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint):
+                print(f"[rl] {checkpoint_dir} belongs to other inputs; starting over", file=sys.stderr)
+                shutil.rmtree(checkpoint_dir)
+            atomic_write_text(stamp, fingerprint + "\n")
     done = json.loads((out / "train.json").read_text()) if (out / "train.json").is_file() else {}
     if done.get("fingerprint") == fingerprint and (out / "model" / "config.json").is_file():
         summary = done["summary"]  # trained before the evaluation failed: evaluate only
     else:
         reward = PolicyReward(reward_fn, cfg.normalize_reward, cfg.length_penalty)
         summary = train(cfg, run_dir, rows, counts, policy, reward, pm_metrics, reward_name)
-        atomic_write_json(out / "train.json", {"fingerprint": fingerprint, "summary": summary})
+        if distributed.is_main():
+            atomic_write_json(out / "train.json", {"fingerprint": fingerprint, "summary": summary})
+    if not distributed.is_main():
+        return {}  # the held-out evaluation (generation, labeling) runs in the main process
 
     if held_out:
         evaluation, samples = evaluate(cfg, run_dir, held_out, policy, out / "model", reward_fn)

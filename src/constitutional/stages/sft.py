@@ -28,7 +28,9 @@ Run: `cai sft --run-dir runs/x` after `cai revise`; e.g. `--set lora=true --set 
 Departures: by default only the final revision of each prompt is trained on (`all_revisions=true`
 trains on every accepted round's revision, as the paper did); the paper fine-tuned a 52B model with
 batch 1024 at half the pre-training learning rate, our defaults are sized for a small model on a CPU.
-Single process only for now: under `accelerate launch` every rank would write the outputs.
+Several processes: `accelerate launch ... -m constitutional.cli sft ...` trains data-parallel (DDP,
+FSDP or DeepSpeed, per the accelerate config; see configs/accelerate/); the main process writes
+the files and the model (distributed.py). `batch_size` is per process.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import distributed
 from ..config import opt, to_dict
 from ..errors import UserError
 from ..run import RunDir, atomic_write_json, atomic_write_text, now
@@ -263,29 +266,32 @@ def _fingerprint(rows: list[dict]) -> str:
 def run(cfg: Config, run_dir: RunDir) -> dict:
     _check(cfg)
     out = run_dir.stage_dir("sft")
-    for stale in out.glob(".model.tmp-*"):  # a save killed half-way
-        shutil.rmtree(stale, ignore_errors=True)
     rows, info = build_dataset(cfg, run_dir)
     checkpoint_dir = out / "checkpoints"
     # A checkpoint is only valid for the dataset it was trained on (the revise output may have changed).
     fingerprint, stamp = _fingerprint(rows), checkpoint_dir / "dataset.sha256"
-    if checkpoint_dir.exists() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint):
-        print(f"[sft] {checkpoint_dir} belongs to other data; starting over", file=sys.stderr)
-        shutil.rmtree(checkpoint_dir)
-    atomic_write_text(out / "dataset.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    atomic_write_text(stamp, fingerprint + "\n")
+    with distributed.main_first() as main:  # the main process cleans up and writes; the other ranks then read
+        if main:
+            for stale in out.glob(".model.tmp-*"):  # a save killed half-way
+                shutil.rmtree(stale, ignore_errors=True)
+            if checkpoint_dir.exists() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint):
+                print(f"[sft] {checkpoint_dir} belongs to other data; starting over", file=sys.stderr)
+                shutil.rmtree(checkpoint_dir)
+            atomic_write_text(out / "dataset.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            atomic_write_text(stamp, fingerprint + "\n")
 
     trainer = build_trainer(cfg, rows, checkpoint_dir)
     resume = last_checkpoint(checkpoint_dir)
     resumed_from = int(resume.name.split("-", 1)[1]) if resume else 0
-    if resume:
+    if resume and distributed.is_main():
         print(f"[sft] resuming from {resume}", file=sys.stderr)
     t0 = time.time()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.time() - t0
 
     curve = loss_curve(trainer.state.log_history)
-    atomic_write_json(out / "loss.json", curve)
+    if distributed.is_main():
+        atomic_write_json(out / "loss.json", curve)
     losses = [c["loss"] for c in curve]
     tail = losses[-max(1, math.ceil(len(losses) / 10)):] if losses else []
     steps = trainer.state.global_step
@@ -308,6 +314,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
         "dtype": training_dtype(cfg.dtype),
         "principles": len(info["principles"]),
     }
-    save_model(trainer, out / "model", model_card(cfg, info, summary))
+    save_model(trainer, out / "model", model_card(cfg, info, summary))  # every rank takes part
+    if not distributed.is_main():
+        return {}
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return summary
