@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser quickstart test test-unit bench clean
+.PHONY: install browser quickstart test test-unit bench bench-decode clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,12 @@ test-unit: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_generate.py
 	$(BIN)/python benchmarks/bench_label.py
+
+# decode ms/step of the hf backend's dynamic and static-cache paths against HF generate (random-weight
+# 135M- and 7B-shaped Llamas; on a GPU: static cache + CUDA graphs). About 8 min on a 2-core CPU.
+bench-decode: $(STAMP)
+	$(BIN)/python benchmarks/bench_decode.py --sizes 135m --batch-sizes 1,16,64 --new-tokens 32 --compile
+	$(BIN)/python benchmarks/bench_decode.py --sizes 7b --batch-sizes 1,4 --new-tokens 8 --prompt-len 16 --repeats 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -42,9 +42,15 @@ def _settings_help(st) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cai",
-        description="Constitutional AI end to end: critique/revision SFT, AI-feedback preference labels, "
+        description="Constitutional AI end to end: critique/revision SFT, AI-feedback preference labels,\n"
         "a preference model, RL against it, context distillation, and the evaluations that show each worked.",
-        epilog="Start with `cai quickstart` (the whole chain on the embedded SmolLM2-135M-Instruct).",
+        epilog="Start with `cai quickstart` (the whole chain on the embedded SmolLM2-135M-Instruct).\n\n"
+        "Models: embedded | a local model directory or hub id | prompted:<model> |\n"
+        "  openai:URL#model: an OpenAI-compatible server (vLLM, llama.cpp, TGI, SGLang, Ollama);\n"
+        "  API key in OPENAI_API_KEY, settings in CAI_OPENAI_* (README, \"Scaling out\").\n"
+        "Several GPUs: accelerate launch --config_file configs/accelerate/ddp.yaml \\\n"
+        "  -m constitutional.cli sft|train-pm|rl --run-dir runs/x",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"constitutional {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)

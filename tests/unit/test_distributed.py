@@ -44,3 +44,20 @@ def test_only_the_main_process_prints_the_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
     assert main(["revise", "--run-dir", str(tmp_path / "run")]) == 2
     assert "cai: error:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, kind", [("cpu_2proc", "MULTI_GPU"), ("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero3", "DEEPSPEED")])
+def test_shipped_accelerate_configs_load(name, kind):
+    """configs/accelerate/*.yaml parse with accelerate's own loader; the sharded ones save a full model."""
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / f"{name}.yaml"
+    assert path.read_text().startswith("# cai accelerate config:")
+    cfg = load_config_from_file(str(path))
+    assert cfg.distributed_type.name == kind and cfg.num_processes >= 2 and cfg.mixed_precision == "no"
+    if kind == "FSDP":
+        assert cfg.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    if kind == "DEEPSPEED":
+        assert cfg.deepspeed_config["zero_stage"] == 3 and cfg.deepspeed_config["zero3_save_16bit_model"]
