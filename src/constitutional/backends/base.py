@@ -41,6 +41,16 @@ class GenerationParams:
     # text stays usable. Small models at low temperature loop without it.
     repetition_penalty: float = 1.0
 
+    def check(self) -> None:
+        """One-line `UserError` for settings no backend can use."""
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise UserError(f"generation: n and max_new_tokens must be >= 1 (got n={self.n}, max_new_tokens={self.max_new_tokens})")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise UserError(
+                f"generation: temperature must be >= 0, top_p in (0, 1] and repetition_penalty > 0 "
+                f"(got {self.temperature}, {self.top_p}, {self.repetition_penalty})"
+            )
+
 
 class Completion(str):
     """Generated text; `truncated` is True when generation stopped at `max_new_tokens` (or the
@@ -71,6 +81,20 @@ def as_messages(conversation: Conversation) -> list[Message]:
     if isinstance(conversation, str):
         return [{"role": "user", "content": conversation}]
     return [dict(m) for m in conversation]
+
+
+def render_messages(tokenizer, messages: list[Message], add_generation_prompt: bool = True) -> str:
+    """A conversation as prompt text with the tokenizer's chat template. A conversation that ends with
+    an assistant message is continued from that message's text (a prefill); a tokenizer without a
+    chat template (a base model) gets the paper's `Human:`/`Assistant:` transcript form."""
+    prefill = add_generation_prompt and bool(messages) and messages[-1]["role"] == "assistant"
+    if getattr(tokenizer, "chat_template", None):
+        if prefill:
+            return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    from ..data.loaders import to_transcript
+
+    return "\n\n" + to_transcript(messages) + ("\n\nAssistant:" if add_generation_prompt and not prefill else "")
 
 
 def load_backend(model: str, **options) -> Backend:

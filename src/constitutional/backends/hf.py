@@ -47,7 +47,7 @@ from typing import Sequence
 import torch
 
 from ..errors import UserError
-from .base import Completion, Conversation, GenerationParams, as_messages
+from .base import Completion, Conversation, GenerationParams, as_messages, render_messages
 
 
 def cpu_supports_bf16() -> bool:
@@ -189,16 +189,7 @@ class HFBackend:
         messages = as_messages(conversation)
         if self.system_prompt is not None and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}] + messages
-        # A conversation ending with an assistant message is continued from its text (a prefill).
-        prefill = add_generation_prompt and bool(messages) and messages[-1]["role"] == "assistant"
-        if getattr(self.tokenizer, "chat_template", None):
-            if prefill:
-                return self.tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        # Base models without a chat template: the paper's transcript form.
-        from ..data.loaders import to_transcript
-
-        return "\n\n" + to_transcript(messages) + ("\n\nAssistant:" if add_generation_prompt and not prefill else "")
+        return render_messages(self.tokenizer, messages, add_generation_prompt)
 
     def _encode_chat(self, conversation: Conversation) -> list[int]:
         return self.tokenizer(self.render_chat(conversation), add_special_tokens=False)["input_ids"]
@@ -279,13 +270,7 @@ class HFBackend:
     @torch.no_grad()
     def _generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[tuple[list[int], bool]]:
         """(token ids, ended) per sample; ended is False when max_new_tokens or the context ran out."""
-        if params.n < 1 or params.max_new_tokens < 1:
-            raise UserError(f"generation: n and max_new_tokens must be >= 1 (got n={params.n}, max_new_tokens={params.max_new_tokens})")
-        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.repetition_penalty <= 0:
-            raise UserError(
-                f"generation: temperature must be >= 0, top_p in (0, 1] and repetition_penalty > 0 "
-                f"(got {params.temperature}, {params.top_p}, {params.repetition_penalty})"
-            )
+        params.check()
         encoded = [self._encode_chat(c) for c in conversations]
         for i, ids in enumerate(encoded):
             self._check_length(ids, i)
@@ -345,21 +330,7 @@ class HFBackend:
         attn2d = valid.clone()
         next_pos = pos[:, -1] + 1
         for step in range(max_new):
-            if params.repetition_penalty != 1.0:
-                logits = _penalise_repeats(logits, [generated[r] for r in active], params.repetition_penalty)
-            tokens = self._sample(logits, [gens[r] for r in active], params)
-            keep = []
-            for k, r in enumerate(active):
-                t = int(tokens[k])
-                if t in self.eos_ids:
-                    ended[r] = True
-                    continue
-                generated[r].append(t)
-                if params.stop and self._hit_stop(generated[r], params.stop):
-                    ended[r] = True
-                    continue
-                keep.append(k)
-            self.stats["generated_tokens"] += len(active)
+            tokens, keep = self._step(logits, active, generated, ended, gens, params)
             if not keep or step == max_new - 1:
                 break
             if len(keep) < len(active):
@@ -484,21 +455,7 @@ class HFBackend:
         graphs = self.use_compile and dev.type == "cuda"
         for step in range(max_new):
             rows_logits = logits if len(active) == R else logits[torch.tensor(active, device=logits.device)]
-            if params.repetition_penalty != 1.0:
-                rows_logits = _penalise_repeats(rows_logits, [generated[r] for r in active], params.repetition_penalty)
-            tokens = self._sample(rows_logits, [gens[r] for r in active], params)
-            keep = []
-            for k, r in enumerate(active):
-                t = int(tokens[k])
-                if t in self.eos_ids:
-                    ended[r] = True
-                    continue
-                generated[r].append(t)
-                if params.stop and self._hit_stop(generated[r], params.stop):
-                    ended[r] = True
-                    continue
-                keep.append(k)
-            self.stats["generated_tokens"] += len(active)
+            tokens, keep = self._step(rows_logits, active, generated, ended, gens, params)
             if not keep or step == max_new - 1:
                 break
             active = [active[k] for k in keep]
@@ -513,6 +470,27 @@ class HFBackend:
             logits = out.logits[:, -1, :].to(torch.float32, copy=True)
             next_pos += 1
         return list(zip(generated, ended))
+
+    def _step(self, logits, active: list[int], generated: list[list[int]], ended: list[bool], gens, params: GenerationParams):
+        """One decode step's bookkeeping, shared by both decode paths: penalise repeats, sample a token
+        for each active row (logits: one row per active row), record it or mark the row ended (eos or
+        a stop string). Returns (tokens, keep: positions in `active` of the rows still generating)."""
+        if params.repetition_penalty != 1.0:
+            logits = _penalise_repeats(logits, [generated[r] for r in active], params.repetition_penalty)
+        tokens = self._sample(logits, [gens[r] for r in active], params)
+        keep = []
+        for k, r in enumerate(active):
+            t = int(tokens[k])
+            if t in self.eos_ids:
+                ended[r] = True
+                continue
+            generated[r].append(t)
+            if params.stop and self._hit_stop(generated[r], params.stop):
+                ended[r] = True
+                continue
+            keep.append(k)
+        self.stats["generated_tokens"] += len(active)
+        return tokens, keep
 
     def _hit_stop(self, ids: list[int], stops: list[str]) -> bool:
         tail = self.tokenizer.decode(ids[-32:], skip_special_tokens=True)

@@ -54,7 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from ..errors import UserError
-from .base import Completion, Conversation, GenerationParams, as_messages
+from .base import Completion, Conversation, GenerationParams, as_messages, render_messages
 
 log = logging.getLogger(__name__)
 FORM = "use openai:URL#model with URL the API base, e.g. openai:http://127.0.0.1:8000/v1#Qwen/Qwen2.5-7B-Instruct"
@@ -289,25 +289,11 @@ class OpenAIBackend:
 
     def render_chat(self, conversation: Conversation, add_generation_prompt: bool = True) -> str:
         messages = self._messages(conversation)  # as HFBackend.render_chat
-        prefill = add_generation_prompt and bool(messages) and messages[-1]["role"] == "assistant"
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            if prefill:
-                return tok.apply_chat_template(messages, tokenize=False, continue_final_message=True)
-            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        from ..data.loaders import to_transcript
-
-        return "\n\n" + to_transcript(messages) + ("\n\nAssistant:" if add_generation_prompt and not prefill else "")
+        return render_messages(self.tokenizer, messages, add_generation_prompt)
 
     # ---------------------------------------------------------------- generation
     def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
-        if params.n < 1 or params.max_new_tokens < 1:
-            raise UserError(f"generation: n and max_new_tokens must be >= 1 (got n={params.n}, max_new_tokens={params.max_new_tokens})")
-        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.repetition_penalty <= 0:
-            raise UserError(
-                f"generation: temperature must be >= 0, top_p in (0, 1] and repetition_penalty > 0 "
-                f"(got {params.temperature}, {params.top_p}, {params.repetition_penalty})"
-            )
+        params.check()
         jobs = []
         for conv in conversations:
             messages = self._messages(conv)
