@@ -4,15 +4,19 @@ starts them on N GPUs: `accelerate launch --config_file configs/accelerate/<...>
 On the embedded model, a few steps each. Checked: each stage finishes on 2 processes, the main process
 alone writes the manifest, the metrics and one saved model (no checkpoints or temp folders left); and
 data parallelism is exact: 2 processes with batch 2 each give the same losses and the same weights as
-one process with batch 2 and 2 accumulation steps (float32).
+one process with batch 2 and 2 accumulation steps (float32); and a 2-process run killed with
+SIGKILL after its second checkpoint resumes to the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,12 +33,16 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def launch(stage: str, run: Path, *sets: str) -> subprocess.CompletedProcess:
+def launch_cmd(stage: str, run: Path, *sets: str) -> list[str]:
     cmd = [ACCELERATE, "launch", "--config_file", str(CONFIG), "--main_process_port", str(_port()),
            "-m", "constitutional.cli", stage, "--run-dir", str(run)]
     for s in sets:
         cmd += ["--set", s]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    return cmd
+
+
+def launch(stage: str, run: Path, *sets: str) -> subprocess.CompletedProcess:
+    return subprocess.run(launch_cmd(stage, run, *sets), capture_output=True, text=True, timeout=900, cwd=ROOT)
 
 
 def single(stage: str, run: Path, *sets: str) -> subprocess.CompletedProcess:
@@ -131,3 +139,41 @@ def test_generation_stage_refuses_several_processes(run):
     assert r.returncode != 0
     lines = [line for line in r.stderr.splitlines() if line.startswith("cai: error:")]
     assert len(lines) == 1 and "runs in one process" in lines[0], r.stderr[-2000:]
+
+
+def test_two_process_sft_killed_mid_way_resumes_to_the_same_model(tmp_path):
+    """kill -9 of the launcher and of its workers (torchrun starts them in their own sessions, so
+    killing the launcher alone leaves them running, holding the lock) after checkpoint 2 of 4; the
+    rerun resumes from it and ends with the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    sets = ("max_steps=4", "batch_size=1", "dtype=float32", "save_steps=1", "helpful=none")
+    write_inputs(tmp_path / "inputs")
+    runs = {}
+    for name in ("whole", "killed"):
+        runs[name] = tmp_path / name
+        (runs[name] / "revise").mkdir(parents=True)
+        (runs[name] / "revise" / "revisions.jsonl").write_bytes((tmp_path / "inputs" / "revise" / "revisions.jsonl").read_bytes())
+    whole = launch("sft", runs["whole"], *sets)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    run = runs["killed"]
+    proc = subprocess.Popen(launch_cmd("sft", run, *sets), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while not (run / "sft" / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    subprocess.run(["pkill", "-9", "-f", f"constitutional.cli sft --run-dir {run}"])
+    proc.wait()
+    time.sleep(1)
+    assert not (run / "sft" / "model").exists()
+    again = launch("sft", run, *sets)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[sft] resuming from" in again.stderr
+    summary = done(run, "sft")
+    assert summary["resumed_from_step"] >= 2 and summary["steps"] == 4
+    losses = {n: [round(x["loss"], 5) for x in json.loads((r / "sft" / "loss.json").read_text())] for n, r in runs.items()}
+    assert losses["killed"] == losses["whole"] and len(losses["whole"]) == 4
+    a, b = (load_file(r / "sft" / "model" / "model.safetensors") for r in runs.values())
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5
