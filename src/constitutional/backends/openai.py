@@ -30,7 +30,10 @@ Log-probabilities (`option_logprobs`), on `/completions`:
   boundary of the server's tokenizer;
 - top: for servers without echo, the option is split into tokens with the local tokenizer and each
   token's log-prob is read from the top-20 next-token log-probs, one request per option token;
-- auto (default): echo on the first call, falling back to top for good if the server refuses echo.
+- auto (default): on the first call, a probe compares the echo log-prob of the greedy next token after
+  a short text with its next-token log-prob; echo is used only if the server echoes, the two agree
+  and the first option's offsets line up, else top for good. (llama-cpp-python 0.3's echo is shifted
+  by one token, its issue #1983, its offsets skip special tokens, and it is slow on long prompts.)
 Departures: in top mode an option token missing from the top 20 scores the smallest listed
 log-prob, an upper bound (counted in stats["option_not_in_top"]); seeds are best effort (servers may
 ignore them or batch non-deterministically); no repetition penalty unless the server reads the
