@@ -5,8 +5,9 @@ The trainers (TRL on `accelerate`) already split the batches, all-reduce the gra
 checkpoints from the main process. What this module adds is the run directory's side of it:
 
 - only the main process (rank 0) takes the run directory's lock, decides whether the stage runs
-  (it may be done already, or its folder stale) and writes the manifest; the decision reaches the
-  other ranks by a broadcast, so that they never disagree about running or skipping;
+  (it may be done already, or its folder stale) and writes the manifest; the outcome, or the error,
+  reaches the other ranks by a broadcast (`on_main`), so that they never disagree about running,
+  skipping or stopping;
 - inside a stage, files outside the trainer (datasets, stamps, metrics, the saved model, the
   evaluation) are written by the main process only, with barriers where the other ranks must see
   them (`main_first`, `barrier`);
@@ -23,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+from .errors import UserError
 
 # The stages that train with a TRL trainer and know how to share a run directory between ranks.
 TRAINING_STAGES = ("sft", "train-pm", "rl")
@@ -71,6 +74,23 @@ def broadcast(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """`fn()` run by the main process; its result, or its `UserError`, reaches every rank (so that
+    no rank goes on while another stops). In a single process: `fn()`."""
+    if world_size() == 1:
+        return fn()
+    outcome = None
+    if is_main():
+        try:
+            outcome = ("ok", fn())
+        except UserError as e:
+            outcome = ("error", str(e))
+    kind, value = broadcast(outcome)
+    if kind == "error":
+        raise UserError(value)
+    return value
 
 
 @contextlib.contextmanager

@@ -60,23 +60,48 @@ def stage_config(name: str, section: dict, pipe: PipelineConfig, source: str):
     return module, build(module.Config, merge(defaults, section), f"{source}: {name}")
 
 
+@contextlib.contextmanager
+def locked(run_dir: RunDir):
+    """The run directory's lock, held by the main process alone when several training processes run."""
+    with contextlib.ExitStack() as stack:
+
+        def take() -> None:
+            stack.enter_context(run_dir.locked())
+
+        distributed.on_main(take)  # a lock held elsewhere stops every rank with the same error
+        yield
+
+
 def run_stage(name: str, module, cfg, run_dir: RunDir, force: bool) -> dict | None:
-    """Run one stage unless it already finished with this config. Returns its summary."""
-    resolved = to_dict(cfg)
-    if getattr(module, "ALWAYS_RUN", False):  # e.g. the report: its inputs are other stages' outputs
-        run_dir.manifest["stages"].pop(name, None)
-    if not run_dir.begin(name, resolved, config_hash(cfg), getattr(cfg, "seed", None), force=force):
-        summary = run_dir.stage_status(name).get("summary")
-        print(f"[{name}] already done with this config, skipped (use --force to rerun)", file=sys.stderr)
-        return summary
+    """Run one stage unless it already finished with this config. Returns its summary.
+
+    Under several training processes every rank runs the stage; the main process alone decides
+    (the decision reaches the others), keeps the manifest and reports."""
+    main, procs = distributed.is_main(), distributed.world_size()
+
+    def begin() -> bool:
+        if getattr(module, "ALWAYS_RUN", False):  # e.g. the report: its inputs are other stages' outputs
+            run_dir.manifest["stages"].pop(name, None)
+        return run_dir.begin(name, to_dict(cfg), config_hash(cfg), getattr(cfg, "seed", None), force=force)
+
+    if not distributed.on_main(begin):
+        if main:
+            print(f"[{name}] already done with this config, skipped (use --force to rerun)", file=sys.stderr)
+        return run_dir.stage_status(name).get("summary")
     try:
         summary = module.run(cfg, run_dir)
     except BaseException as e:
-        run_dir.fail(name, f"{type(e).__name__}: {e}")
+        if main:
+            run_dir.fail(name, f"{type(e).__name__}: {e}")
         raise
+    if not main:
+        return summary
+    if procs > 1:
+        summary = {**(summary or {}), "processes": procs}
     run_dir.finish(name, summary)
     secs = run_dir.stage_status(name).get("seconds")
-    print(f"[{name}] done in {secs}s: {json.dumps(summary, ensure_ascii=False)}", file=sys.stderr)
+    where = f" on {procs} processes" if procs > 1 else ""
+    print(f"[{name}] done in {secs}s{where}: {json.dumps(summary, ensure_ascii=False)}", file=sys.stderr)
     return summary
 
 
@@ -95,54 +120,15 @@ def cmd_stage(args) -> int:
     section = merge(merge(sections.get(args.command, {}), over), scoped)
     module, cfg = stage_config(args.command, section, pipe, f"{source} --set" if args.set else source)
     run_dir = RunDir(args.run_dir)
-    if distributed.world_size() > 1:
-        if args.command not in distributed.TRAINING_STAGES:
-            raise UserError(
-                f"cai {args.command}: runs in one process; start it without accelerate launch/torchrun "
-                f"(only {', '.join(distributed.TRAINING_STAGES)} train with several processes; serve the model with an "
-                "OpenAI-compatible server and use openai:URL#model to scale out generation)"
-            )
-        run_stage_ranks(args.command, module, cfg, run_dir, args.force)
-        return 0
-    with run_dir.locked():
+    if distributed.world_size() > 1 and args.command not in distributed.TRAINING_STAGES:
+        raise UserError(
+            f"cai {args.command}: runs in one process; start it without accelerate launch/torchrun "
+            f"(only {', '.join(distributed.TRAINING_STAGES)} train with several processes; serve the model with an "
+            "OpenAI-compatible server and use openai:URL#model to scale out generation)"
+        )
+    with locked(run_dir):
         run_stage(args.command, module, cfg, run_dir, args.force)
     return 0
-
-
-def run_stage_ranks(name: str, module, cfg, run_dir: RunDir, force: bool) -> dict | None:
-    """`run_stage` for one of several training processes (see distributed.py): the main process
-    holds the lock, decides and keeps the manifest; every rank runs the stage."""
-    with contextlib.ExitStack() as stack:
-        decision = "run"
-        if distributed.is_main():
-            try:
-                stack.enter_context(run_dir.locked())
-                if getattr(module, "ALWAYS_RUN", False):
-                    run_dir.manifest["stages"].pop(name, None)
-                if not run_dir.begin(name, to_dict(cfg), config_hash(cfg), getattr(cfg, "seed", None), force=force):
-                    decision = "skip"
-            except UserError as e:
-                decision = f"error:{e}"
-        decision = distributed.broadcast(decision)
-        if decision.startswith("error:"):
-            raise UserError(decision[len("error:"):])
-        if decision == "skip":
-            if distributed.is_main():
-                print(f"[{name}] already done with this config, skipped (use --force to rerun)", file=sys.stderr)
-            return run_dir.stage_status(name).get("summary")
-        try:
-            summary = module.run(cfg, run_dir)
-        except BaseException as e:
-            if distributed.is_main():
-                run_dir.fail(name, f"{type(e).__name__}: {e}")
-            raise
-        if not distributed.is_main():
-            return summary
-        summary = {**(summary or {}), "processes": distributed.world_size()}
-        run_dir.finish(name, summary)
-        secs = run_dir.stage_status(name).get("seconds")
-        print(f"[{name}] done in {secs}s on {distributed.world_size()} processes: {json.dumps(summary, ensure_ascii=False)}", file=sys.stderr)
-        return summary
 
 
 def _run_pipeline(data: dict, source: str, overrides: list[str], run_dir_arg: str | None, force: bool, skip_unbuilt: bool) -> int:

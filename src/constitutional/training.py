@@ -103,10 +103,9 @@ def save_model(trainer, target: Path, card: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save killed half-way
     distributed.barrier()
     try:
-        model = trainer.model
-        if hasattr(model, "merge_and_unload") or not hasattr(trainer, "save_model"):  # peft, or our own loop (distill)
-            if hasattr(model, "merge_and_unload"):  # merge the LoRA adapter into the weights
-                model = model.merge_and_unload()
+        peft = hasattr(trainer.model, "merge_and_unload")
+        if peft or not hasattr(trainer, "save_model"):  # a LoRA adapter to merge, or our own loop (distill)
+            model = trainer.model.merge_and_unload() if peft else trainer.model
             if distributed.is_main():
                 model.save_pretrained(str(tmp))
                 trainer.processing_class.save_pretrained(str(tmp))

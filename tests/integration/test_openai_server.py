@@ -84,7 +84,7 @@ class Proxy:
     def __init__(self, upstream: int):
         self.upstream, self.lock = upstream, threading.Lock()
         self.count, self.faults, self.auth = 0, collections.Counter(), set()
-        self.mode = "faults"  # or "clean", "down"
+        self.mode = "faults"  # or "clean"
         self.down_after = 0  # > 0: every request after this many fails (an outage)
         self.rng = random.Random(0)
         self.http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -98,8 +98,6 @@ class Proxy:
             n = self.count
             if self.down_after and n > self.down_after:
                 kind = "down"
-            elif self.mode == "down":
-                kind = "drop"
             elif self.mode == "clean":
                 kind = "ok"
             elif n in (2, 3):  # the first requests meet each kind of fault at least once

@@ -1,4 +1,4 @@
-"""The run-directory side of several training processes (distributed.py, pipeline.run_stage_ranks),
+"""The run-directory side of several training processes (distributed.py, pipeline.run_stage),
 without starting processes: ranks from the environment, and what refuses to run under a launcher.
 The real 2-process runs are tests/integration/test_multiprocess_training.py."""
 

@@ -241,9 +241,8 @@ class HFBackend:
         allowed: (B, T, P + T) bool, True where a query may attend to a key; it becomes the
         additive 4D mask (0 / dtype-min) that transformers passes to attention as given.
         """
-        B, T = input_ids.shape
-        mask = torch.zeros((B, 1, T, allowed.shape[-1]), dtype=self.dtype)
-        mask.masked_fill_(~allowed[:, None], torch.finfo(self.dtype).min)
+        B = input_ids.shape[0]
+        mask = _additive_mask(allowed, self.dtype)
         cache = self._batch_cache(prefix, B)
         return self.model(
             input_ids=input_ids.to(self.device),
@@ -303,22 +302,8 @@ class HFBackend:
         dev, P, B = self.device, len(prefix), len(batch)
         suffixes = [ids[P:] for _, ids, _ in batch]
         L = max(len(s) for s in suffixes)
-        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
-        valid = torch.zeros((B, P + L), dtype=torch.bool)
-        valid[:, :P] = True
-        for r, s in enumerate(suffixes):
-            input_ids[r, L - len(s) :] = torch.tensor(s)
-            valid[r, P + L - len(s) :] = True
-        # Positions count only real tokens: the padding between prefix and suffix takes no position.
-        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        position_ids = pos[:, P:]
-        # 4D additive mask for the prefill: causal, real keys only, and every query sees itself
-        # (a padding query with no visible key would produce NaNs that leak through its values).
-        q_idx = torch.arange(L)[:, None] + P
-        k_idx = torch.arange(P + L)[None, :]
-        allowed = (k_idx <= q_idx)[None] & valid[:, None, :]
-        allowed |= (k_idx == q_idx)[None]
-        out = self._masked_forward(prefix, input_ids, allowed, position_ids, use_cache=True, logits_to_keep=1)
+        input_ids, valid, pos, allowed = _prefill_layout(suffixes, P, P + L, self.pad_id)
+        out = self._masked_forward(prefix, input_ids, allowed, pos[:, P:], use_cache=True, logits_to_keep=1)
         self.stats["prefill_tokens"] += int(sum(len(s) for s in suffixes))
         cache = out.past_key_values
         logits = out.logits[:, -1, :].float()
@@ -413,19 +398,9 @@ class HFBackend:
         max_new = min(params.max_new_tokens, self.max_positions - (P + L))
         C = -(-(P + L + max_new) // 256) * 256  # cache slots, rounded so that graphs are reused across batches
         rows = suffixes + [suffixes[-1]] * (R - B)  # dummy rows repeat a real one and are ignored
-        input_ids = torch.full((R, L), self.pad_id, dtype=torch.long)
-        valid = torch.zeros((R, C), dtype=torch.bool)  # keys a row may see; slots past P + L are not written yet
-        valid[:, :P] = True
-        for r, s in enumerate(rows):
-            input_ids[r, L - len(s) :] = torch.tensor(s)
-            valid[r, P + L - len(s) : P + L] = True
-        pos = (valid[:, : P + L].long().cumsum(-1) - 1).clamp(min=0)
-        q_idx = torch.arange(L)[:, None] + P
-        k_idx = torch.arange(C)[None, :]
-        allowed = (k_idx <= q_idx)[None] & valid[:, None, :]
-        allowed |= (k_idx == q_idx)[None]
-        mask = torch.zeros((R, 1, L, C), dtype=self.dtype)
-        mask.masked_fill_(~allowed[:, None], torch.finfo(self.dtype).min)
+        # keys: all C slots; those past P + L are not written yet (the decode fills them)
+        input_ids, valid, pos, allowed = _prefill_layout(rows, P, C, self.pad_id)
+        mask = _additive_mask(allowed, self.dtype)
         cache = self._static_cache(R, C)
         if P:
             for i, layer in enumerate(self._prefix_cache(prefix).layers):  # the prefix fills slots [0, P) of every row
@@ -626,6 +601,34 @@ class HFBackend:
                 logp = torch.log_softmax(self.model(input_ids=ids).logits.float(), dim=-1)[0].cpu()
             out.append(float(sum(logp[len(p_ids) - 1 + t, tok] for t, tok in enumerate(o_ids))))
         return out
+
+
+def _prefill_layout(suffixes: Sequence[Sequence[int]], P: int, keys: int, pad_id: int):
+    """A prefill batch laid out as `[shared prefix (P)][left padding][own suffix]` after the cached
+    prefix. Returns input ids (rows, L); `valid` (rows, keys), True at the prefix and each row's own
+    tokens (key slots past P + L stay False: the decode fills them); position ids of the P + L slots
+    (rows, P + L), counting real tokens only, so the padding takes no position; and the attention
+    pattern (rows, L, keys): causal, real keys only, and every query sees itself (a padding query
+    with no visible key would produce NaNs that leak through its values)."""
+    R, L = len(suffixes), max(len(s) for s in suffixes)
+    input_ids = torch.full((R, L), pad_id, dtype=torch.long)
+    valid = torch.zeros((R, keys), dtype=torch.bool)
+    valid[:, :P] = True
+    for r, s in enumerate(suffixes):
+        input_ids[r, L - len(s) :] = torch.tensor(s)
+        valid[r, P + L - len(s) : P + L] = True
+    pos = (valid[:, : P + L].long().cumsum(-1) - 1).clamp(min=0)
+    q_idx = torch.arange(L)[:, None] + P
+    k_idx = torch.arange(keys)[None, :]
+    allowed = (k_idx <= q_idx)[None] & valid[:, None, :]
+    allowed |= (k_idx == q_idx)[None]
+    return input_ids, valid, pos, allowed
+
+
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(rows, T, keys) bool -> the 4D additive mask (0 / dtype-min) transformers passes to attention as given."""
+    mask = torch.zeros((allowed.shape[0], 1, *allowed.shape[1:]), dtype=dtype)
+    return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
 
 
 def _static_options(static_cache, compile) -> tuple[str, str]:

@@ -356,8 +356,6 @@ class OpenAIBackend:
                         if e.status in (401, 403, 404):
                             raise
                         self.logprobs_mode = "top"
-                    if self.logprobs_mode == "top":
-                        scores.clear()
                     log.info("openai server %s: option log-probs by %s", self.base_url, self.logprobs_mode)
         rest = [k for k in range(len(pairs)) if k not in scores]
         if self.logprobs_mode == "echo":
@@ -378,10 +376,14 @@ class OpenAIBackend:
         try:
             return score(prompt, option, where)
         except _NoLogprobs as e:
-            raise UserError(
-                f"openai server {self.base_url} returns no log-probabilities on /completions ({e}; needs echo with "
-                "logprobs, or top logprobs); use a server that returns them (vLLM, llama.cpp) or a local model for labeling"
-            ) from None
+            raise self._no_logprobs(f"{e}; needs echo with logprobs, or top logprobs") from None
+
+    def _no_logprobs(self, detail: str) -> UserError:
+        """The one-line error for a server without the log-probabilities that scoring needs."""
+        return UserError(
+            f"openai server {self.base_url} returns no log-probabilities on /completions ({detail}); use a server "
+            "that returns them (vLLM, llama.cpp) or a local model for labeling"
+        )
 
     def _echo_agrees(self, prompt: str) -> bool:
         """Whether the server's echo log-probs are the next-token ones: the greedy next token after
@@ -462,10 +464,7 @@ class OpenAIBackend:
             body = {"model": self.model, "prompt": text, "max_tokens": 1, "temperature": 0, "logprobs": TOP_K}
             top = _top_logprobs(self._choice(self._post("/completions", body), self.base_url + "/completions"))
             if not top:
-                raise UserError(
-                    f"openai server {self.base_url} returns no log-probabilities on /completions (no echo logprobs and no "
-                    "top logprobs); use a server that returns them (vLLM, llama.cpp) or a local model for labeling"
-                )
+                raise self._no_logprobs("no echo logprobs and no top logprobs")
             return top
 
         tops = dict(zip(texts, self._map(fetch, texts)))
