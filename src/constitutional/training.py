@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from .errors import UserError
@@ -88,6 +89,22 @@ def last_checkpoint(checkpoint_dir: Path) -> Path | None:
             continue
         done.append((step, d))
     return max(done)[1] if done else None
+
+
+def keep_matching_checkpoints(out: Path, stamp: Path, fingerprint: str, stage: str, what: str) -> None:
+    """Before training into `out`: drop the temp folder of a save killed half-way, and the checkpoints
+    (the folder holding `stamp`) when they were trained on other inputs than `fingerprint` says
+    (`what` names those inputs in the message); then stamp the checkpoints with `fingerprint`.
+    Called by the main process only (distributed.main_first)."""
+    from .run import atomic_write_text
+
+    for stale in out.glob(".model.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    checkpoint_dir = stamp.parent
+    if checkpoint_dir.exists() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint):
+        print(f"[{stage}] {checkpoint_dir} belongs to other {what}; starting over", file=sys.stderr)
+        shutil.rmtree(checkpoint_dir)
+    atomic_write_text(stamp, fingerprint + "\n")
 
 
 def save_model(trainer, target: Path, card: str) -> None:

@@ -64,7 +64,7 @@ from ..feedback import CHANCE_MARGIN, winner
 from ..rl_math import apply_length_penalty, bootstrap_mean_ci, kl_estimate, normalize_rewards, wilson_interval
 from ..run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now, read_jsonl
 from . import load_prompt_sets, resolve_model
-from ..training import last_checkpoint, load_causal_lm, lora_config, save_model, trainer_args, training_dtype
+from ..training import keep_matching_checkpoints, last_checkpoint, load_causal_lm, lora_config, save_model, trainer_args, training_dtype
 
 STAGE = "rl"
 ScoreFn = Callable[[Sequence, Sequence[str]], Sequence[float]]  # (conversations, responses) -> scores
@@ -523,12 +523,7 @@ def run(cfg: Config, run_dir: RunDir, reward_fn: ScoreFn | None = None) -> dict:
     stamp = checkpoint_dir / "inputs.sha256"
     with distributed.main_first() as main:  # the main process cleans up and writes; the other ranks then read
         if main:
-            for stale in out.glob(".model.tmp-*"):  # a save killed half-way
-                shutil.rmtree(stale, ignore_errors=True)
-            if checkpoint_dir.exists() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint):
-                print(f"[rl] {checkpoint_dir} belongs to other inputs; starting over", file=sys.stderr)
-                shutil.rmtree(checkpoint_dir)
-            atomic_write_text(stamp, fingerprint + "\n")
+            keep_matching_checkpoints(out, stamp, fingerprint, "rl", "inputs")
     done = json.loads((out / "train.json").read_text()) if (out / "train.json").is_file() else {}
     if done.get("fingerprint") == fingerprint and (out / "model" / "config.json").is_file():
         summary = done["summary"]  # trained before the evaluation failed: evaluate only

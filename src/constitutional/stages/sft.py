@@ -51,7 +51,7 @@ from ..config import opt, to_dict
 from ..errors import UserError
 from ..run import RunDir, atomic_write_json, atomic_write_text, now
 from ..run import read_records as run_read_records
-from ..training import last_checkpoint, load_causal_lm, lora_config, save_model, trainer_args, training_dtype  # noqa: F401 (training_dtype: used by tests)
+from ..training import keep_matching_checkpoints, last_checkpoint, load_causal_lm, lora_config, save_model, trainer_args, training_dtype  # noqa: F401 (training_dtype: used by tests)
 
 
 @dataclass
@@ -272,13 +272,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     fingerprint, stamp = _fingerprint(rows), checkpoint_dir / "dataset.sha256"
     with distributed.main_first() as main:  # the main process cleans up and writes; the other ranks then read
         if main:
-            for stale in out.glob(".model.tmp-*"):  # a save killed half-way
-                shutil.rmtree(stale, ignore_errors=True)
-            if checkpoint_dir.exists() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint):
-                print(f"[sft] {checkpoint_dir} belongs to other data; starting over", file=sys.stderr)
-                shutil.rmtree(checkpoint_dir)
+            keep_matching_checkpoints(out, stamp, fingerprint, "sft", "data")
             atomic_write_text(out / "dataset.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            atomic_write_text(stamp, fingerprint + "\n")
 
     trainer = build_trainer(cfg, rows, checkpoint_dir)
     resume = last_checkpoint(checkpoint_dir)
