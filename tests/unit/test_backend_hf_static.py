@@ -66,8 +66,8 @@ def test_greedy_is_token_identical(backends):
     params = GenerationParams(max_new_tokens=10, temperature=0)
     ours = st._generate(CONVS, params)
     assert ours == dyn._generate(CONVS, params)
-    assert st.stats == dyn.stats
-    assert st.stats["prefix_tokens_reused"] > 0  # the shared prefix was copied into the static cache
+    assert st.stats["generated_tokens"] == dyn.stats["generated_tokens"]
+    assert st.stats["prefix_tokens_reused"] > 0 and dyn.stats["prefix_tokens_reused"] > 0  # the shared prefix was copied into the static cache
     assert len({len(st._encode_chat(c)) for c in CONVS}) > 3  # the rows really have different lengths
     assert all(len(set(ids)) > 2 for ids, _ in ours)  # and the model does not just repeat one token
     # 6 prompts in batches of 4: the last batch of 2 ran as 2 static rows, the first as 4

@@ -226,22 +226,24 @@ def test_teacher_sampling_resumes(tmp_path, tiny_model_dir, files):
         distill.sample_teacher(teacher, items, cfg, shard)
         whole = shard.records
 
-    class Dies:  # the process dies during the second batch
-        def __init__(self):
-            self.calls = 0
+    class Dies:  # the process dies after 3 prompts are done
+        def schedule(self, requests, on_done):
+            done = []
 
-        def generate(self, conversations, params):
-            self.calls += 1
-            if self.calls == 2:
-                raise Crash
-            return teacher.generate(conversations, params)
+            def dying(req, texts):
+                if len(done) == 3:
+                    raise Crash
+                done.append(req)
+                return on_done(req, texts)
+
+            teacher.schedule(requests, dying)
 
     with RecordShard(tmp_path / "resumed.jsonl") as shard, pytest.raises(Crash):
         distill.sample_teacher(Dies(), items, cfg, shard)
     with open(tmp_path / "resumed.jsonl", "a") as f:
         f.write('{"id": "p5#0", "respo')  # a torn last line, as after kill -9
     with RecordShard(tmp_path / "resumed.jsonl") as shard:
-        assert len(shard.records) == 6  # the first batch: 3 prompts x 2 samples
+        assert len(shard.records) == 6  # 3 prompts x 2 samples
         distill.sample_teacher(teacher, items, cfg, shard)
         resumed = shard.records
     ids = [r["id"] for r in resumed]

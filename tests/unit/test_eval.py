@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import random
 import re
 
@@ -316,10 +317,16 @@ def test_resume_does_not_regenerate(tmp_path, patched):
     assert {m: len(generated(b)) for m, b in backends.items()} == n_gen
     second = json.loads((rd.path / "eval" / "results.json").read_text())
     assert second == first
-    # a crash after some answers: the missing ones (and only those) are generated again
+    # a crash after some answers: the missing ones come back from the run's answer cache
     path = rd.path / "eval" / "answers" / "complier.jsonl"
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:-2]) + lines[-2][:10])  # a torn last line too
+    ev.run(settings(tmp_path), rd)
+    assert len(generated(backends["complier"])) == n_gen["complier"]
+    assert len(read_jsonl(path)) == len(lines)
+    # ... and without the cache, the missing ones (and only those) are generated again
+    shutil.rmtree(rd.path / "cache")
+    path.write_text("".join(lines[:-2]) + lines[-2][:10])
     ev.run(settings(tmp_path), rd)
     assert len(generated(backends["complier"])) == n_gen["complier"] + 2
     assert len(generated(backends["refuser"])) == n_gen["refuser"]
@@ -456,3 +463,23 @@ def test_end_to_end_on_tiny_models(tmp_path, tiny_model_dir, second_tiny_model):
     assert len(read_jsonl(rd.path / "eval" / "answers" / "other.jsonl")) == 2 + 2 + 2 + 2
     judged = [r for r in read_jsonl(rd.path / "eval" / "comparisons.jsonl") if not r["identical"]]
     assert judged and all(len(r["orders"]) == 2 and 0.0 < r["p_a"] < 1.0 for r in judged)  # the real labeler ran
+
+
+def test_a_second_evaluation_reuses_answers_and_choices(tmp_path, patched):
+    """Answers and multiple-choice scores of the same model with the same settings are generated once
+    per run: a forced rerun (the old eval folder set aside) or one with another list of models reads
+    them from `<run>/cache/`, and gives the same results."""
+    loaded, backends = patched
+    rd = RunDir(tmp_path / "run")
+    first = ev.run(settings(tmp_path), rd)
+    calls = {m: len(b.calls) for m, b in backends.items()}
+    (rd.path / "eval").rename(rd.path / "eval.stale")
+    again = ev.run(settings(tmp_path, models={"complier": "complier", "refuser": "refuser"}), rd)
+    assert len(generated(backends["complier"])) == len([c for c in backends["complier"].calls[: calls["complier"]] if c[0] == "generate"])
+    assert len(backends["refuser"].calls) == calls["refuser"]  # nothing asked of the evaluated models again
+    assert again["refusal_harmful"] == first["refusal_harmful"] and again["mc_accuracy"] == first["mc_accuracy"]
+    assert set(again["timings"]) >= {"answers_seconds", "mc_seconds", "judge_seconds", "pm_seconds"}
+    # other settings are other answers
+    (rd.path / "eval").rename(rd.path / "eval.stale2")
+    ev.run(settings(tmp_path, max_new_tokens=8), rd)
+    assert len(generated(backends["refuser"])) > len([c for c in backends["refuser"].calls[: calls["refuser"]] if c[0] == "generate"])

@@ -20,7 +20,7 @@ prompting, `context.py`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, Sequence, Union, runtime_checkable
 
 from ..errors import UserError
 
@@ -62,6 +62,110 @@ class Completion(str):
         obj = super().__new__(cls, text)
         obj.truncated = truncated
         return obj
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request for `run_queue`: a conversation, its settings (`params.n` samples), and
+    the caller's handle (`key`, untouched)."""
+
+    conversation: Conversation
+    params: GenerationParams
+    key: Any = None
+
+
+OnDone = Callable[[Request, list], Union[Iterable[Request], None]]
+
+
+def run_queue(backend, requests: Iterable[Request], on_done: OnDone) -> None:
+    """Generate every request; `on_done(request, completions)` (a list of `params.n` `Completion`s)
+    is called as each request finishes, and the requests it returns are generated too (a retry, a
+    chain's next step). Backends with a scheduler of their own (`schedule`: the `hf` backend's
+    continuous batching) run it; others go in waves (`run_waves`)."""
+    schedule = getattr(backend, "schedule", None)
+    if schedule is not None:
+        return schedule(requests, on_done)
+    return run_waves(backend, requests, on_done)
+
+
+def run_waves(backend, requests: Iterable[Request], on_done: OnDone) -> None:
+    """`run_queue` for a backend without a scheduler: each wave is every waiting request, one
+    `generate` call per distinct settings; the requests `on_done` returns form the next wave."""
+    wave = list(requests)
+    while wave:
+        groups: dict[tuple, list[Request]] = {}
+        for r in wave:
+            groups.setdefault(_params_key(r.params), []).append(r)
+        wave = []
+        for reqs in groups.values():
+            params, n = reqs[0].params, reqs[0].params.n
+            texts = backend.generate([r.conversation for r in reqs], params)
+            for i, r in enumerate(reqs):
+                wave += list(on_done(r, texts[i * n : (i + 1) * n]) or [])
+
+
+def run_queues(work: Iterable[tuple], on_done: Callable) -> None:
+    """`run_queue` for requests bound to several backends (e.g. a separate critique model): `work` and
+    what `on_done(request, completions)` returns are (backend, Request) pairs. The requests of the
+    backend that is running join its queue; the others wait until that queue is empty."""
+    pending: dict[int, tuple] = {}
+
+    def add(items) -> None:
+        for backend, req in items:
+            pending.setdefault(id(backend), (backend, []))[1].append(req)
+
+    add(work)
+    while pending:
+        backend, reqs = pending.pop(next(iter(pending)))
+
+        def done(req, texts, backend=backend):
+            more = list(on_done(req, texts) or [])
+            add([(b, r) for b, r in more if b is not backend])
+            return [r for b, r in more if b is backend]
+
+        run_queue(backend, reqs, done)
+
+
+def generation_meter(*backends) -> Callable[[], dict]:
+    """Starts a clock on the backends' generation counters; the returned function gives what they
+    generated since: tokens, seconds, tokens/s and the mean rows per decode step (hf backend)."""
+    import time
+
+    def stats_of(b) -> dict:
+        return dict(getattr(b, "stats", None) or getattr(getattr(b, "backend", None), "stats", None) or {})
+
+    uniq = list({id(b): b for b in backends}.values())
+    start, t0 = [stats_of(b) for b in uniq], time.perf_counter()
+
+    def read() -> dict:
+        delta = {k: 0 for k in ("generated_tokens", "decode_steps", "decode_rows")}
+        for b, s0 in zip(uniq, start):
+            now = stats_of(b)
+            for k in delta:
+                delta[k] += now.get(k, 0) - s0.get(k, 0)
+        seconds = time.perf_counter() - t0
+        return {
+            "generated_tokens": delta["generated_tokens"],
+            "generation_seconds": round(seconds, 1),
+            "tokens_per_s": round(delta["generated_tokens"] / seconds, 1) if delta["generated_tokens"] and seconds else None,
+            "mean_batch_rows": round(delta["decode_rows"] / delta["decode_steps"], 1) if delta["decode_steps"] else None,
+        }
+
+    return read
+
+
+def _params_key(p: GenerationParams) -> tuple:
+    return (p.max_new_tokens, p.temperature, p.top_p, p.n, p.seed, tuple(p.stop), p.repetition_penalty)
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """`text` up to the first of the stop strings (all of it when none occurs)."""
+    cut = len(text)
+    for s in stops or ():
+        i = text.find(s)
+        if i != -1:
+            cut = min(cut, i)
+    return text[:cut]
 
 
 @runtime_checkable

@@ -47,7 +47,7 @@ from typing import Sequence
 import torch
 
 from ..errors import UserError
-from .base import Completion, Conversation, GenerationParams, as_messages, render_messages
+from .base import Completion, Conversation, GenerationParams, Request, as_messages, cut_at_stop, render_messages, run_waves
 
 
 def cpu_supports_bf16() -> bool:
@@ -85,6 +85,18 @@ def _lcp(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def _lcp2(a: Sequence[int], b: Sequence[int]) -> int:
+    """`_lcp` of two sequences by binary search on slice equality (C-speed compares)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _row_seed(seed: int, ids: Sequence[int], sample: int) -> int:
     h = hashlib.sha256(f"{seed}:{sample}:".encode() + bytes(str(list(ids)), "utf-8")).digest()
     return int.from_bytes(h[:8], "big") & ((1 << 63) - 1)
@@ -105,10 +117,13 @@ class HFBackend:
         system_prompt: str | None = None,
         static_cache: str | None = None,
         compile: str | None = None,
+        token_budget: int = 0,
+        max_rows: int = 64,
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self._configure(name or model, model, device, batch_size, prefix_cache, min_prefix_tokens, system_prompt)
+        self._token_budget, self.max_rows = token_budget, max(1, int(max_rows))
         self.dtype = resolve_dtype(dtype, self.device)
         local = Path(model).expanduser()
         if not local.exists() and (model.startswith(("/", ".", "~")) or model.count("/") > 1):
@@ -136,6 +151,7 @@ class HFBackend:
         (batch_size, prefix_cache, min_prefix_tokens, system_prompt, static_cache, compile)."""
         self = cls.__new__(cls)
         static_cache, compile = options.pop("static_cache", None), options.pop("compile", None)
+        self._token_budget, self.max_rows = options.pop("token_budget", 0), max(1, int(options.pop("max_rows", 64)))
         unknown = set(options) - {"batch_size", "prefix_cache", "min_prefix_tokens", "system_prompt"}
         if unknown:
             raise TypeError(f"from_model: unknown options {sorted(unknown)}")
@@ -170,7 +186,8 @@ class HFBackend:
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids), 0))
         self._prefix_kv: OrderedDict[tuple, object] = OrderedDict()
-        self.stats = {"prefill_tokens": 0, "prefix_tokens_reused": 0, "generated_tokens": 0}
+        self.stats = {"prefill_tokens": 0, "prefix_tokens_reused": 0, "generated_tokens": 0, "decode_steps": 0, "decode_rows": 0}
+        self.token_budget = self._token_budget or _default_token_budget(self.model.config, self.dtype, self.device)
         # static cache + compiled decode (see the module docstring); "auto" means on with CUDA
         supported = _static_cache_supported(self.model.config)
         if static == "on" and not supported:
@@ -222,10 +239,10 @@ class HFBackend:
         ids = torch.tensor([prefix], device=self.device)
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         self.stats["prefill_tokens"] += len(prefix)
-        self._prefix_kv[prefix] = out.past_key_values
+        self._prefix_kv[prefix] = out.cache
         while len(self._prefix_kv) > 4:
             self._prefix_kv.popitem(last=False)
-        return out.past_key_values
+        return out.cache
 
     def _batch_cache(self, prefix: tuple[int, ...], batch: int):
         if not prefix:
@@ -248,95 +265,100 @@ class HFBackend:
             input_ids=input_ids.to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=position_ids.to(self.device),
-            past_key_values=cache,
+            cache=cache,
             use_cache=use_cache,
             **kwargs,
         )
 
     # ---------------------------------------------------------------- generation
     def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Completion]:
-        texts = []
-        for ids, ended in self._generate(conversations, params):
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            cut = _cut_at_stop(text, params.stop)
-            texts.append(Completion(cut.strip(), truncated=not ended and cut == text))
-        return texts
+        return [self._completion(ids, ended, params) for ids, ended in self._generate(conversations, params)]
 
     def generate_ids(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[list[int]]:
         """Generated token ids (without the eos token), `len(conversations) * n` lists."""
         return [ids for ids, _ in self._generate(conversations, params)]
 
+    def _completion(self, ids: list[int], ended: bool, params: GenerationParams) -> Completion:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = cut_at_stop(text, params.stop)
+        return Completion(cut.strip(), truncated=not ended and cut == text)
+
+    def schedule(self, requests, on_done) -> None:
+        """Generate every request of `requests` (an iterable of `base.Request`) in one running batch
+        (continuous batching, `hf_decode.py`); `on_done(request, completions)` is called as each
+        request's samples are all done, and the requests it returns join the queue."""
+        if self.use_static_cache:  # fixed-shape batches (GPU fast path): requests go in waves
+            return run_waves(self, requests, on_done)
+        self._decoder().run(requests, lambda req, outs: on_done(req, [self._completion(i, e, req.params) for i, e in outs]))
+
+    def _decoder(self):
+        from .hf_decode import ContinuousDecoder
+
+        return ContinuousDecoder(self, token_budget=self.token_budget, max_rows=self.max_rows)
+
     @torch.no_grad()
     def _generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[tuple[list[int], bool]]:
         """(token ids, ended) per sample; ended is False when max_new_tokens or the context ran out."""
         params.check()
-        encoded = [self._encode_chat(c) for c in conversations]
-        for i, ids in enumerate(encoded):
-            self._check_length(ids, i)
-        requests = [(i * params.n + j, ids, _row_seed(params.seed, ids, j)) for i, ids in enumerate(encoded) for j in range(params.n)]
-        outputs: list[tuple[list[int], bool]] = [([], True) for _ in requests]
-        if not requests:
+        n = params.n
+        outputs: list[tuple[list[int], bool]] = [([], True)] * (len(conversations) * n)
+        if not conversations:
             return outputs
+        if self.use_static_cache:
+            encoded = [self._encode_chat(c) for c in conversations]
+            for i, ids in enumerate(encoded):
+                self._check_length(ids, i)
+            done = self._generate_static(encoded, params, outputs)
+            if done:
+                return outputs
+        requests = [Request(c, params, key=i) for i, c in enumerate(conversations)]
+
+        def collect(req, outs):
+            outputs[req.key * n : (req.key + 1) * n] = outs
+
+        self._decoder().run(requests, collect)
+        return outputs
+
+    def _prefix_for(self, ids: Sequence[int], pool: Sequence[Sequence[int]]) -> tuple[int, ...]:
+        """The shared prefix a prompt is prefilled after: the longest cached prefix it starts with, or a
+        new one when the prompts waiting beside it (`pool`) share a longer one (by 64+ tokens); () when
+        neither reaches `min_prefix_tokens`. Every prompt keeps at least one token of its own."""
+        if not self.prefix_cache:
+            return ()
+        best = ()
+        for prefix in self._prefix_kv:
+            if len(best) < len(prefix) < len(ids) and tuple(ids[: len(prefix)]) == prefix:
+                best = prefix
+        shared = max((_lcp2(ids, other) for other in pool if other != ids), default=0)
+        shared = min(shared, len(ids) - 1)
+        if shared >= self.min_prefix_tokens and shared >= len(best) + 64:
+            return tuple(ids[:shared])
+        return best if len(best) >= self.min_prefix_tokens else ()
+
+    def _generate_static(self, encoded, params: GenerationParams, outputs) -> bool:
+        """The static-cache path (fixed-shape batches, sorted by length): fills `outputs`; False when
+        the first static batch failed and the backend fell back to the dynamic path."""
+        requests = [(i * params.n + j, ids, _row_seed(params.seed, ids, j)) for i, ids in enumerate(encoded) for j in range(params.n)]
         p = self._split_prefix(encoded)
         prefix = tuple(encoded[0][:p])
         order = sorted(requests, key=lambda r: -len(r[1]))
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            for (slot, _, _), out in zip(batch, self._generate_batch(prefix, batch, params)):
+            if not self._static_ok:
+                try:  # the first batch shows whether this model/device/torch can take the static path
+                    result = self._generate_batch_static(prefix, batch, params)
+                    self._static_ok = True
+                except Exception as e:  # noqa: BLE001 (compile/graph failures come in many types)
+                    print(f"[hf] static-cache decode failed on {self.name} ({type(e).__name__}: {str(e)[:160]}); "
+                          "using the dynamic path (set CAI_STATIC_CACHE=off to skip the attempt)", file=sys.stderr)
+                    self.use_static_cache = self.use_compile = False
+                    self._static.clear()
+                    return False
+            else:
+                result = self._generate_batch_static(prefix, batch, params)
+            for (slot, _, _), out in zip(batch, result):
                 outputs[slot] = out
-        return outputs
-
-    def _generate_batch(self, prefix: tuple[int, ...], batch, params: GenerationParams) -> list[tuple[list[int], bool]]:
-        if self.use_static_cache:
-            if self._static_ok:
-                return self._generate_batch_static(prefix, batch, params)
-            try:  # the first batch shows whether this model/device/torch can take the static path
-                out = self._generate_batch_static(prefix, batch, params)
-                self._static_ok = True
-                return out
-            except Exception as e:  # noqa: BLE001 (compile/graph failures come in many types)
-                print(f"[hf] static-cache decode failed on {self.name} ({type(e).__name__}: {str(e)[:160]}); "
-                      "using the dynamic path (set CAI_STATIC_CACHE=off to skip the attempt)", file=sys.stderr)
-                self.use_static_cache = self.use_compile = False
-                self._static.clear()
-        dev, P, B = self.device, len(prefix), len(batch)
-        suffixes = [ids[P:] for _, ids, _ in batch]
-        L = max(len(s) for s in suffixes)
-        input_ids, valid, pos, allowed = _prefill_layout(suffixes, P, P + L, self.pad_id)
-        out = self._masked_forward(prefix, input_ids, allowed, pos[:, P:], use_cache=True, logits_to_keep=1)
-        self.stats["prefill_tokens"] += int(sum(len(s) for s in suffixes))
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :].float()
-        max_new = min(params.max_new_tokens, self.max_positions - (P + L))
-        gens = [torch.Generator().manual_seed(seed) for _, _, seed in batch]
-        generated: list[list[int]] = [[] for _ in range(B)]
-        ended = [False] * B  # stopped by eos or a stop string
-        active = list(range(B))  # batch rows still generating, in cache order
-        attn2d = valid.clone()
-        next_pos = pos[:, -1] + 1
-        for step in range(max_new):
-            tokens, keep = self._step(logits, active, generated, ended, gens, params)
-            if not keep or step == max_new - 1:
-                break
-            if len(keep) < len(active):
-                idx = torch.tensor(keep, device=dev)
-                cache.batch_select_indices(idx)
-                attn2d = attn2d[torch.tensor(keep)]
-                next_pos = next_pos[torch.tensor(keep)]
-                tokens = tokens[torch.tensor(keep)]
-                active = [active[k] for k in keep]
-            attn2d = torch.cat([attn2d, torch.ones((len(active), 1), dtype=torch.bool)], dim=1)
-            out = self.model(
-                input_ids=tokens[:, None].to(dev),
-                attention_mask=attn2d.long().to(dev),
-                position_ids=next_pos[:, None].to(dev),
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache = out.past_key_values
-            logits = out.logits[:, -1, :].float()
-            next_pos = next_pos + 1
-        return list(zip(generated, ended))
+        return True
 
     # ---------------------------------------------------------------- static-cache decode
     def _static_rows(self, batch: int) -> int:
@@ -390,12 +412,13 @@ class HFBackend:
         return self._decode_fn
 
     def _generate_batch_static(self, prefix: tuple[int, ...], batch, params: GenerationParams) -> list[tuple[list[int], bool]]:
-        """`_generate_batch` with fixed shapes: StaticCache, padded batch, finished rows kept (see the module docstring)."""
+        """One batch with fixed shapes: StaticCache, padded batch, finished rows kept (see the module docstring)."""
         dev, P, B = self.device, len(prefix), len(batch)
         R = self._static_rows(B)
         suffixes = [ids[P:] for _, ids, _ in batch]
         L = max(len(s) for s in suffixes)
-        max_new = min(params.max_new_tokens, self.max_positions - (P + L))
+        limit = [min(params.max_new_tokens, self.max_positions - len(ids)) for _, ids, _ in batch]  # each row's room
+        max_new = max(limit)
         C = -(-(P + L + max_new) // 256) * 256  # cache slots, rounded so that graphs are reused across batches
         rows = suffixes + [suffixes[-1]] * (R - B)  # dummy rows repeat a real one and are ignored
         # keys: all C slots; those past P + L are not written yet (the decode fills them)
@@ -411,7 +434,7 @@ class HFBackend:
             input_ids=input_ids.to(dev),
             attention_mask=mask.to(dev),
             position_ids=pos[:, P:].to(dev),
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
@@ -431,7 +454,8 @@ class HFBackend:
         for step in range(max_new):
             rows_logits = logits if len(active) == R else logits[torch.tensor(active, device=logits.device)]
             tokens, keep = self._step(rows_logits, active, generated, ended, gens, params)
-            if not keep or step == max_new - 1:
+            keep = [k for k in keep if len(generated[active[k]]) < limit[active[k]]]
+            if not keep:
                 break
             active = [active[k] for k in keep]
             feed = torch.full((R,), self.pad_id, dtype=torch.long)  # finished and dummy rows decode padding
@@ -440,7 +464,7 @@ class HFBackend:
             attn[:, P + L + step] = 1  # the slot this step writes
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            out = decode(input_ids=step_ids, attention_mask=attn, position_ids=next_pos, past_key_values=cache, use_cache=True)
+            out = decode(input_ids=step_ids, attention_mask=attn, position_ids=next_pos, cache=cache, use_cache=True)
             # a copy: CUDA-graph outputs are overwritten by the next replay (and .float() of fp32 is no copy)
             logits = out.logits[:, -1, :].to(torch.float32, copy=True)
             next_pos += 1
@@ -465,6 +489,8 @@ class HFBackend:
                 continue
             keep.append(k)
         self.stats["generated_tokens"] += len(active)
+        self.stats["decode_steps"] += 1
+        self.stats["decode_rows"] += len(active)
         return tokens, keep
 
     def _hit_stop(self, ids: list[int], stops: list[str]) -> bool:
@@ -631,6 +657,27 @@ def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
 
 
+def kv_bytes_per_token(config, dtype) -> int:
+    """Bytes of KV cache one token takes in every layer of a model (keys and values)."""
+    cfg = config.get_text_config(decoder=True)
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def _default_token_budget(config, dtype, device) -> int:
+    """KV tokens (rows x columns) the running batch may hold: 1 GiB of KV on a CPU (what keeps a
+    whole run within a few GB), half the free memory on a GPU; CAI_KV_MEMORY_MB sets the bytes."""
+    mb = os.environ.get("CAI_KV_MEMORY_MB")
+    if mb:
+        memory = float(mb) * 2**20
+    elif device.type == "cuda":
+        memory = torch.cuda.mem_get_info(device)[0] / 2
+    else:
+        memory = 2**30
+    return max(256, int(memory // kv_bytes_per_token(config, dtype)))
+
+
 def _static_options(static_cache, compile) -> tuple[str, str]:
     """Validated `static_cache` / `compile` settings ("auto", "on" or "off"); unset ones come from
     CAI_STATIC_CACHE / CAI_COMPILE, else "auto". `compile="on"` turns an "auto" static cache on."""
@@ -673,15 +720,6 @@ def _penalise_repeats(logits: torch.Tensor, generated: list[list[int]], penalty:
             vals = logits[k, idx]
             logits[k, idx] = torch.where(vals > 0, vals / penalty, vals * penalty)
     return logits
-
-
-def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    cut = len(text)
-    for s in stops or ():
-        i = text.find(s)
-        if i != -1:
-            cut = min(cut, i)
-    return text[:cut]
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -57,7 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from ..errors import UserError
-from .base import Completion, Conversation, GenerationParams, as_messages, render_messages
+from .base import Completion, Conversation, GenerationParams, as_messages, cut_at_stop, render_messages
 
 log = logging.getLogger(__name__)
 FORM = "use openai:URL#model with URL the API base, e.g. openai:http://127.0.0.1:8000/v1#Qwen/Qwen2.5-7B-Instruct"
@@ -308,8 +308,6 @@ class OpenAIBackend:
         return self._map(lambda job: self._generate_one(*job, params), jobs)
 
     def _generate_one(self, messages: list, prompt: str | None, seed: int, params: GenerationParams) -> Completion:
-        from .hf import _cut_at_stop  # lazily: hf imports torch
-
         body = {"model": self.model, "max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p, "seed": seed}
         if params.stop:
             body["stop"] = list(params.stop)[:4]  # the OpenAI API takes at most 4; the rest are cut here
@@ -322,7 +320,7 @@ class OpenAIBackend:
         choice = self._choice(self._post(path, body), self.base_url + path)
         text = (choice.get("message") or {}).get("content") if prompt is None else choice.get("text")
         text = text or ""
-        cut = _cut_at_stop(text, params.stop)
+        cut = cut_at_stop(text, params.stop)
         return Completion(cut.strip(), truncated=choice.get("finish_reason") == "length" and cut == text)
 
     # ---------------------------------------------------------------- scoring

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from ..backends import GenerationParams, load_backend
+from ..backends.base import Request, generation_meter, run_queue
 from ..config import opt
 from ..data.loaders import load_mc, load_prompts
 from ..run import RecordShard, RunDir
@@ -27,7 +28,7 @@ from ..run import RecordShard, RunDir
 class Config:
     model: str = opt("embedded", "model string: embedded, a local model directory, or a hub id")
     dtype: str = opt("auto", "auto (bf16 where the hardware has it), bfloat16 or float32")
-    batch_size: int = opt(8, "prompts per forward pass")
+    batch_size: int = opt(8, "multiple-choice prompts per scoring pass (generation batches are sized by the backend's token budget)")
     prompts: str = opt("builtin:redteam", "red-team prompts to answer")
     split: str = opt("test", "which split of the prompts to use: train, test or all")
     limit: int = opt(8, "how many red-team prompts to answer (0 = all)")
@@ -51,9 +52,17 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     params = GenerationParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, seed=cfg.seed)
     with RecordShard(out / "responses.jsonl") as shard:
         todo = shard.todo([p.to_dict() for p in prompts])
-        for chunk in tqdm(list(_chunks(todo, cfg.batch_size)), desc="baseline: answers", unit="batch"):
-            for p, text in zip(chunk, backend.generate([p["messages"] for p in chunk], params)):
-                shard.append({"id": p["id"], "prompt": p["prompt"], "category": p.get("category"), "response": text})
+        bar = tqdm(total=len(todo), desc="baseline: answers", unit="prompt")
+
+        def answered(req: Request, texts: list) -> None:
+            p = req.key
+            shard.append({"id": p["id"], "prompt": p["prompt"], "category": p.get("category"), "response": texts[0]})
+            bar.update(1)
+
+        gen = generation_meter(backend)
+        with bar:
+            run_queue(backend, [Request(p["messages"], params, key=p) for p in todo], answered)
+        speed = gen()
         responses = len(shard.records)
     with RecordShard(out / "mc.jsonl") as shard:
         todo = [it for it in items if it.id not in shard.done]
@@ -81,5 +90,6 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
         "mc_accuracy": round(sum(r["correct"] for r in records) / len(records), 4),
         "mc_accuracy_by_subset": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_subset.items())},
         "share_choosing_A": round(sum(first) / len(first), 4) if first else None,
+        **speed,
     }
     return summary

@@ -72,6 +72,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from ..backends import GenerationParams, load_backend
+from ..backends.base import Request, run_queue
 from ..config import opt, to_dict
 from ..context import PromptedBackend, load_context
 from ..data.loaders import load_mc
@@ -119,17 +120,21 @@ def sample_teacher(teacher, items: Sequence[dict], cfg: Config, shard: RecordSha
     "eval"}`) from the prompted model and append them to `shard`; samples already there are skipped."""
     params = GenerationParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n=cfg.teacher_samples, seed=cfg.seed)
     todo = [it for it in items if any(f"{it['prompt'].id}#{j}" not in shard.done for j in range(cfg.teacher_samples))]
-    chunks = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
-    for chunk in tqdm(chunks, desc="distill: teacher samples", unit="batch", file=sys.stderr):
-        texts = teacher.generate([it["prompt"].messages for it in chunk], params)
-        for i, it in enumerate(chunk):
-            p = it["prompt"]
-            for j in range(cfg.teacher_samples):
-                text = texts[i * cfg.teacher_samples + j]
+    bar = tqdm(total=len(todo), desc="distill: teacher samples", unit="prompt", file=sys.stderr)
+
+    def sampled(req: Request, texts: list) -> None:
+        it = req.key
+        p = it["prompt"]
+        for j, text in enumerate(texts):
+            if f"{p.id}#{j}" not in shard.done:
                 shard.append({
                     "id": f"{p.id}#{j}", "prompt_id": p.id, "split": it["split"], "prompt": p.prompt, "messages": p.messages,
                     "response": str(text), "truncated": bool(getattr(text, "truncated", False)),
                 })
+        bar.update(1)
+
+    with bar:
+        run_queue(teacher, [Request(it["prompt"].messages, params, key=it) for it in todo], sampled)
 
 
 # -------------------------------------------------------------------------------------------- tokens
@@ -210,7 +215,7 @@ def response_logits(model, seqs: Sequence[Sequence[int]], starts: Sequence[int],
     first = min(starts) - 1
     out = model(
         input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=(prefix_len + torch.arange(T)).expand(B, T).to(dev),
-        past_key_values=cache, use_cache=False, logits_to_keep=T - first,
+        cache=cache, use_cache=False, logits_to_keep=T - first,
     )
     r = torch.arange(R)
     idx = (torch.tensor(starts)[:, None] - 1 - first + r[None, :]).clamp(max=T - first - 1)
@@ -235,7 +240,7 @@ class Teacher:
         if self.prefix:
             with torch.no_grad():
                 dev = next(model.parameters()).device
-                self.cache = model(input_ids=torch.tensor([self.prefix], device=dev), use_cache=True, logits_to_keep=1).past_key_values
+                self.cache = model(input_ids=torch.tensor([self.prefix], device=dev), use_cache=True, logits_to_keep=1).cache
 
     def logits(self, batch: Sequence[Example]):
         """(logits (B, R, V), mask (B, R)) of the teacher on the batch's response tokens."""

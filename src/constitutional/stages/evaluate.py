@@ -71,6 +71,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import itertools
+import json
 import math
 import re
 import sys
@@ -82,7 +83,8 @@ from typing import Callable
 from tqdm import tqdm
 
 from .. import eval_math
-from ..backends import GenerationParams, load_backend
+from ..backends import Completion, GenerationParams, load_backend
+from ..backends.base import Request, generation_meter, run_queue
 from ..config import opt, to_dict
 from ..constitution import Constitution, FeedbackPrinciple, load_constitution, load_fewshot
 from ..data.loaders import MCItem, load_mc
@@ -441,25 +443,78 @@ class _Lazy:
         gc.collect()
 
 
-def evaluate_model(name: str, model: str, cfg: Config, jobs: list[dict], mc_sets: list[tuple[str, str, list[MCItem], str]], out: Path) -> tuple[dict, list[dict]]:
-    """Answers (by id) and choices records of one model; generates and scores what is missing."""
+def model_identity(model: str) -> str:
+    """What makes two evaluations of `model` the same model: the string, and for a local directory
+    the size and modification time of its config and weight files (a retrained model differs)."""
+    path = Path(model.split("#")[-1] if model.startswith("prompted:") else model).expanduser()
+    if not path.is_dir():
+        return model
+    files = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".json"))
+    return model + "|" + "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+
+
+def _cache_shard(out: Path, what: str, *parts) -> RecordShard:
+    """A record shard under `<run>/cache/<what>/`, named by a hash of `parts` (the model's identity and
+    the settings that shape its output): every evaluation of the same model with the same settings
+    reads it, including one after `--force` or with another list of models."""
+    key = hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
+    return RecordShard(out.parent / "cache" / what / f"{key}.jsonl")
+
+
+def evaluate_model(name: str, model: str, cfg: Config, jobs: list[dict], mc_sets: list[tuple[str, str, list[MCItem], str]], out: Path,
+                   timings: dict) -> tuple[dict, list[dict]]:
+    """Answers (by id) and choices records of one model; generates and scores what is missing, taking
+    what an earlier evaluation of the same model and settings left in the run's cache."""
     backend = _Lazy(lambda: load_backend(model, dtype=cfg.dtype, batch_size=cfg.batch_size))
     params = GenerationParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
-    with RecordShard(out / "answers" / f"{name}.jsonl") as shard:
+    identity = model_identity(model)
+    t0 = time.time()
+    with RecordShard(out / "answers" / f"{name}.jsonl") as shard, \
+            _cache_shard(out, "answers", identity, cfg.dtype, params) as cache:
         todo = shard.todo(jobs)
-        for k in tqdm(range(0, len(todo), cfg.batch_size), desc=f"eval: {name} answers", unit="batch", file=sys.stderr):
-            chunk = todo[k : k + cfg.batch_size]
-            for job, text in zip(chunk, backend().generate([j["messages"] for j in chunk], params)):
-                shard.append({"id": job["id"], "set": job["set"], "prompt_id": job["prompt_id"], "prompt": job["prompt"], "response": str(text),
-                              "truncated": bool(getattr(text, "truncated", False)), "model": model})
+        key = lambda job: hashlib.sha256(json.dumps(job["messages"], sort_keys=True).encode()).hexdigest()[:16]  # noqa: E731
+
+        def answered(job: dict, text) -> None:
+            shard.append({"id": job["id"], "set": job["set"], "prompt_id": job["prompt_id"], "prompt": job["prompt"], "response": str(text),
+                          "truncated": bool(getattr(text, "truncated", False)), "model": model})
+
+        cached = {r["id"]: r for r in cache.records}
+        fresh = []
+        for job in todo:
+            hit = cached.get(key(job))
+            if hit is not None:
+                answered(job, Completion(hit["response"], truncated=hit["truncated"]))
+            else:
+                fresh.append(job)
+        bar = tqdm(total=len(fresh), desc=f"eval: {name} answers", unit="prompt", file=sys.stderr)
+
+        def on_done(req: Request, texts: list) -> None:
+            text = texts[0]
+            cache.append({"id": key(req.key), "response": str(text), "truncated": bool(getattr(text, "truncated", False))})
+            answered(req.key, text)
+            bar.update(1)
+
+        with bar:
+            if fresh:
+                gen = generation_meter(backend())
+                run_queue(backend(), [Request(j["messages"], params, key=j) for j in fresh], on_done)
+                timings.setdefault("generation", {})[name] = gen()
         answers = {r["id"]: r for r in shard.records}
-    with RecordShard(out / "choices" / f"{name}.jsonl") as shard:
+    timings.setdefault("answers_seconds", {})[name] = round(time.time() - t0, 1)
+    t0 = time.time()
+    with RecordShard(out / "choices" / f"{name}.jsonl") as shard, _cache_shard(out, "choices", identity, cfg.dtype) as cache:
+        cached = {r["id"]: r for r in cache.records}
         for kind, spec, items, prefix in mc_sets:
             todo_items = [it for it in items if f"{kind}|{spec}|{it.id}" not in shard.done]
+            for rec in [cached[i] for i in (f"{kind}|{spec}|{it.id}" for it in todo_items) if i in cached]:
+                shard.append(rec)
+            todo_items = [it for it in todo_items if f"{kind}|{spec}|{it.id}" not in cached]
             for k in tqdm(range(0, len(todo_items), cfg.batch_size), desc=f"eval: {name} {kind}", unit="batch", file=sys.stderr):
                 for rec in score_mc(backend(), todo_items[k : k + cfg.batch_size], prefix, kind, spec):
+                    cache.append(rec)
                     shard.append(rec)
         choices = shard.records
+    timings.setdefault("mc_seconds", {})[name] = round(time.time() - t0, 1)
     backend.close()
     return answers, choices
 
@@ -516,13 +571,22 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     if ev.truth_items:
         mc_sets += [("truthfulness-plain", cfg.truthfulness_mc, ev.truth_items, ""),
                     ("truthfulness-prompted", cfg.truthfulness_mc, ev.truth_items, TRUTHFUL_PREFIX)]
+    timings: dict = {}
+    if ev.models:
+        print(f"eval: {len(ev.models)} model(s) ({', '.join(ev.models)}): {len(jobs)} answers and "
+              f"{sum(len(items) for _, _, items, _ in mc_sets)} multiple-choice items each, then the feedback model's comparisons",
+              file=sys.stderr)
     for name, model in ev.models.items():
-        ev.answers[name], ev.choices[name] = evaluate_model(name, model, cfg, jobs, mc_sets, out)
+        ev.answers[name], ev.choices[name] = evaluate_model(name, model, cfg, jobs, mc_sets, out, timings)
+    t1 = time.time()
     judge_all(ev, cfg, out, constitution, examples[: cfg.fewshot])
+    timings["judge_seconds"] = round(time.time() - t1, 1)
+    t1 = time.time()
     score_all(ev, cfg, out, run_dir)
+    timings["pm_seconds"] = round(time.time() - t1, 1)
     results = assemble(ev, cfg)
     atomic_write_json(out / "results.json", results)
-    return summarize(results, time.time() - t0)
+    return {**summarize(results, time.time() - t0), "timings": timings}
 
 
 def judge_all(ev: Evidence, cfg: Config, out: Path, constitution: Constitution, examples: list) -> None:

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from ..backends import GenerationParams, load_backend
+from ..backends.base import Request, generation_meter, run_queue
 from ..config import opt
 from ..data.loaders import Prompt, load_prompts
 from ..errors import UserError
@@ -289,45 +290,55 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
             attempts[r["category"]] = max(attempts[r["category"]], r["attempt"] + 1)
         kinds: Counter = Counter()
         generated = candidates = unused = 0
-        backend = None
+        speed: dict = {}
         bar = tqdm(total=sum(need.values()), desc="redteam: prompts", unit="prompt")
-        while active := [c for c in need if need[c] > 0 and attempts[c] < cfg.max_attempts]:
-            backend = backend or load_backend(cfg.model, dtype=cfg.dtype, batch_size=cfg.batch_size)
-            # One call per attempt number k: its sampling seed comes from (seed, k) and the backend
-            # mixes in each conversation, so request k of a category samples alike in any batch.
-            for k in sorted({attempts[c] for c in active}):
-                group = [c for c in active if attempts[c] == k]
-                shots = {c: draw_shots(pools[c], cfg.shots, cfg.seed, c, k) for c in group}
-                params = GenerationParams(
-                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                    n=cfg.samples_per_request, seed=_seed(cfg.seed, k),
-                )
-                replies = backend.generate([build_request(c, shots[c]) for c in group], params)
-                for i, c in enumerate(group):
-                    attempts[c] += 1
-                    for j, reply in enumerate(replies[i * params.n : (i + 1) * params.n]):
-                        if need[c] == 0:  # the category filled up earlier in this request
-                            unused += 1
-                            continue
-                        candidates += 1
-                        text, kind, match = classify(reply, getattr(reply, "truncated", False), deduper)
-                        if kind is not None:
-                            kinds[kind] += 1
-                            rejected.append({
-                                "id": f"rej-{_slug(c)}-{k}-{j}", "category": c, "attempt": k,
-                                "text": text, "reply": str(reply), "reason": kind, "match": match,
-                            })
-                            continue
-                        rid = prompt_id(c, text)
-                        accepted.append({
-                            "id": rid, "prompt": text, "category": c, "source": "generated",
-                            "shots": [p.id for p in shots[c]], "model": backend.name, "attempt": k, "split": "train",
-                        })
-                        deduper.add(text, rid)
-                        need[c] -= 1
-                        generated += 1
-                        bar.update(1)
+        backend = None
+
+        def request(c: str) -> Request:
+            # request k of a category draws its shots and sampling seed from (seed, category, k); the
+            # backend mixes in the conversation, so it samples alike in any batch and after a resume
+            k = attempts[c]
+            shots = draw_shots(pools[c], cfg.shots, cfg.seed, c, k)
+            params = GenerationParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                      n=cfg.samples_per_request, seed=_seed(cfg.seed, k))
+            attempts[c] += 1
+            return Request(build_request(c, shots), params, key=(c, k, shots))
+
+        def on_done(req: Request, replies: list) -> list:
+            nonlocal generated, candidates, unused
+            c, k, shots = req.key
+            for j, reply in enumerate(replies):
+                if need[c] == 0:  # the category filled up earlier in this request
+                    unused += 1
+                    continue
+                candidates += 1
+                text, kind, match = classify(reply, getattr(reply, "truncated", False), deduper)
+                if kind is not None:
+                    kinds[kind] += 1
+                    rejected.append({
+                        "id": f"rej-{_slug(c)}-{k}-{j}", "category": c, "attempt": k,
+                        "text": text, "reply": str(reply), "reason": kind, "match": match,
+                    })
+                    continue
+                rid = prompt_id(c, text)
+                accepted.append({
+                    "id": rid, "prompt": text, "category": c, "source": "generated",
+                    "shots": [p.id for p in shots], "model": backend.name, "attempt": k, "split": "train",
+                })
+                deduper.add(text, rid)
+                need[c] -= 1
+                generated += 1
+                bar.update(1)
             bar.set_postfix(rejected=sum(kinds.values()))
+            return [request(c)] if need[c] > 0 and attempts[c] < cfg.max_attempts else []
+
+        first = [c for c in need if need[c] > 0 and attempts[c] < cfg.max_attempts]
+        if first:
+            backend = load_backend(cfg.model, dtype=cfg.dtype, batch_size=cfg.batch_size)
+            gen = generation_meter(backend)
+            with bar:
+                run_queue(backend, [request(c) for c in first], on_done)
+            speed = gen()
         bar.close()
         per_category = Counter(r["category"] for r in accepted.records)
         total = len(accepted.records)
@@ -351,4 +362,5 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
         "short_categories": short,
         "categories_without_examples": without,
         "seconds": round(time.time() - t0, 2),
+        **speed,
     }

@@ -35,11 +35,12 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tqdm import tqdm
 
 from ..backends import GenerationParams, load_backend
+from ..backends.base import Request, generation_meter, run_queues
 from ..cleaning import Cleaned, clean, words
 from ..config import opt
 from ..constitution import CritiquePrinciple, load_constitution, load_fewshot
@@ -53,7 +54,7 @@ class Config:
     model: str = opt("embedded", "the model to improve: it answers, critiques and revises")
     critique_model: str = opt("", "a separate model for the critiques (empty = the same model)")
     dtype: str = opt("auto", "auto (bf16 where the hardware has it), bfloat16 or float32")
-    batch_size: int = opt(8, "prompts processed together")
+    batch_size: int = opt(64, "most sequences decoded together (the backend's token budget may allow fewer)")
     prompts: str = opt("builtin:redteam", "red-team prompts; join several sets with '+', run:redteam = this run's generated prompts")
     split: str = opt("train", "which split of the prompts to use: train, test or all (keep test for evaluation)")
     limit: int = opt(0, "red-team prompts per prompt set (0 = all)")
@@ -107,84 +108,92 @@ class _Chain:
         self.initial = ""  # the model's own first answer
         self.response = ""  # the last good response (initial, then each good revision)
         self.rounds: list[dict] = []
+        self.critique: Cleaned | None = None  # this round's critique, once it is in
+        self.critique_retries = 0
 
     def messages(self, *extra: dict) -> list[dict]:
         return self.prefix + self.turns + list(extra)
 
 
-def _generate_clean(backend, convs, params, retries, counts, kind, checks) -> list[tuple[Cleaned, int]]:
-    """Generate one text per conversation; resample the ones that fail cleaning up to `retries` times.
+class _Driver:
+    """Runs every chain as a sequence of requests in one generation queue (`backends.run_queues`):
+    initial answer, then per round a critique and a revision, each resampled up to `retries` times
+    when it fails cleaning. A finished request immediately submits the chain's next one, so the
+    backend's running batch stays full; a finished chain is written out at once (resumable)."""
 
-    checks[i] = dict(requests=..., critique=..., prompt=...) for `clean`. Counts repairs and
-    problems (of every attempt) under `<kind>/<name>`. Returns (cleaned, retries used) per conversation.
-    """
-    results: list[tuple[Cleaned, int] | None] = [None] * len(convs)
-    todo = list(range(len(convs)))
-    for attempt in range(retries + 1):
-        p = GenerationParams(**{**params.__dict__, "seed": params.seed + 7919 * attempt})
-        texts = backend.generate([convs[i] for i in todo], p)
-        again = []
-        for i, text in zip(todo, texts):
-            truncated = bool(getattr(text, "truncated", False))
-            c = clean(text, truncated, kind=kind, **checks[i])
-            if kind == "critique":  # a truncated critique is kept (cleaning.py); count how often
-                counts["critique/truncated_kept"] += truncated and c.problem is None
-            for r in c.repairs:
-                counts[f"{kind}/{r}"] += 1
-            if c.problem:
-                counts[f"{kind}/{c.problem}"] += 1
-            results[i] = (c, attempt)
-            if c.problem:
-                again.append(i)
-        if attempt < retries and again:
-            counts[f"{kind}/retries"] += len(again)
-        todo = again
-        if not todo:
-            break
-    return results  # type: ignore[return-value]
+    def __init__(self, cfg, backend, critic, params, crit_params, counts, on_chain):
+        self.cfg, self.backend, self.critic = cfg, backend, critic
+        self.params, self.crit_params, self.counts, self.on_chain = params, crit_params, counts, on_chain
 
+    # each request's seed is a function of (seed, round, attempt) only: the same samples whatever the
+    # batching, the order chains finish in, or a resume
+    def _seed(self, r: int, revision: bool, attempt: int) -> int:
+        return self.cfg.seed * 1_000_003 + 101 * r + int(revision) + 7919 * attempt
 
-def _revise_batch(cfg, chains: list[_Chain], backend, critic, params, crit_params, counts) -> None:
-    initial = backend.generate([c.prompt["messages"] for c in chains], params)
-    for c, text in zip(chains, initial):
-        counts["initial/truncated"] += bool(getattr(text, "truncated", False))
-        c.response = str(text).strip()
-        c.initial = c.response
-        c.turns = [*c.prompt["messages"], {"role": "assistant", "content": c.response}]
-    for r in range(cfg.rounds):
-        seed = cfg.seed * 1_000_003 + 101 * r
-        live = list(chains)
-        crit: list[Cleaned | None] = [None] * len(live)
-        crit_retries = [0] * len(live)
-        if cfg.critique:
-            convs = [c.messages({"role": "user", "content": c.principles[r].critique}) for c in live]
-            checks = [dict(requests=(c.principles[r].critique, c.principles[r].revision), prompt="") for c in live]
-            out = _generate_clean(critic, convs, GenerationParams(**{**crit_params.__dict__, "seed": seed}), cfg.retries, counts, "critique", checks)
-            crit = [o[0] for o in out]
-            crit_retries = [o[1] for o in out]
-        convs, checks, idx = [], [], []
-        for k, c in enumerate(live):
-            pr = c.principles[r]
-            if crit[k] is not None and crit[k].problem:
-                c.rounds.append(_round(pr, crit[k].text, "", f"dropped:critique_{crit[k].problem}", crit_retries[k], cfg.critique))
-                continue
-            extra = [{"role": "user", "content": pr.critique}, {"role": "assistant", "content": crit[k].text}] if cfg.critique else []
-            convs.append(c.messages(*extra, {"role": "user", "content": pr.revision}))
-            checks.append(dict(requests=(pr.critique, pr.revision), critique=crit[k].text if cfg.critique else "", prompt=c.prompt["prompt"]))
-            idx.append(k)
-        out = _generate_clean(backend, convs, GenerationParams(**{**params.__dict__, "seed": seed + 1}), cfg.retries, counts, "revision", checks)
-        for k, (rev, tries) in zip(idx, out):
-            c, pr = live[k], live[k].principles[r]
-            critique_text = crit[k].text if cfg.critique else ""
-            status = f"dropped:{rev.problem}" if rev.problem else "ok"
-            c.rounds.append(_round(pr, critique_text, rev.text, status, tries + crit_retries[k], cfg.critique))
-            if rev.problem:
-                continue
-            counts["revision/unchanged"] += rev.text == c.response
-            if cfg.critique:
+    def initial(self, c: _Chain) -> tuple:
+        return self.backend, Request(c.prompt["messages"], self.params, key=(c, "initial", 0, 0))
+
+    def _critique(self, c: _Chain, r: int, attempt: int) -> tuple:
+        conv = c.messages({"role": "user", "content": c.principles[r].critique})
+        params = replace(self.crit_params, seed=self._seed(r, False, attempt))
+        return self.critic, Request(conv, params, key=(c, "critique", r, attempt))
+
+    def _revision(self, c: _Chain, r: int, attempt: int) -> tuple:
+        pr = c.principles[r]
+        extra = [{"role": "user", "content": pr.critique}, {"role": "assistant", "content": c.critique.text}] if self.cfg.critique else []
+        params = replace(self.params, seed=self._seed(r, True, attempt))
+        return self.backend, Request(c.messages(*extra, {"role": "user", "content": pr.revision}), params, key=(c, "revision", r, attempt))
+
+    def _round_start(self, c: _Chain, r: int) -> list:
+        if r >= self.cfg.rounds:
+            self.on_chain(c)
+            return []
+        c.critique, c.critique_retries = None, 0
+        return [self._critique(c, r, 0) if self.cfg.critique else self._revision(c, r, 0)]
+
+    def _clean(self, text, kind: str, **checks) -> Cleaned:
+        truncated = bool(getattr(text, "truncated", False))
+        cl = clean(text, truncated, kind=kind, **checks)
+        if kind == "critique":  # a truncated critique is kept (cleaning.py); count how often
+            self.counts["critique/truncated_kept"] += truncated and cl.problem is None
+        for rep in cl.repairs:
+            self.counts[f"{kind}/{rep}"] += 1
+        if cl.problem:
+            self.counts[f"{kind}/{cl.problem}"] += 1
+        return cl
+
+    def on_done(self, req: Request, texts: list) -> list:
+        c, phase, r, attempt = req.key
+        text = texts[0]
+        if phase == "initial":
+            self.counts["initial/truncated"] += bool(getattr(text, "truncated", False))
+            c.response = c.initial = str(text).strip()
+            c.turns = [*c.prompt["messages"], {"role": "assistant", "content": c.response}]
+            return self._round_start(c, 0)
+        pr = c.principles[r]
+        if phase == "critique":
+            cl = self._clean(text, "critique", requests=(pr.critique, pr.revision), prompt="")
+            if cl.problem and attempt < self.cfg.retries:
+                self.counts["critique/retries"] += 1
+                return [self._critique(c, r, attempt + 1)]
+            c.critique, c.critique_retries = cl, attempt
+            if cl.problem:
+                c.rounds.append(_round(pr, cl.text, "", f"dropped:critique_{cl.problem}", attempt, True))
+                return self._round_start(c, r + 1)
+            return [self._revision(c, r, 0)]
+        critique_text = c.critique.text if self.cfg.critique else ""
+        cl = self._clean(text, "revision", requests=(pr.critique, pr.revision), critique=critique_text, prompt=c.prompt["prompt"])
+        if cl.problem and attempt < self.cfg.retries:
+            self.counts["revision/retries"] += 1
+            return [self._revision(c, r, attempt + 1)]
+        c.rounds.append(_round(pr, critique_text, cl.text, f"dropped:{cl.problem}" if cl.problem else "ok", attempt + c.critique_retries, self.cfg.critique))
+        if not cl.problem:
+            self.counts["revision/unchanged"] += cl.text == c.response
+            if self.cfg.critique:
                 c.turns += [{"role": "user", "content": pr.critique}, {"role": "assistant", "content": critique_text}]
-            c.turns += [{"role": "user", "content": pr.revision}, {"role": "assistant", "content": rev.text}]
-            c.response = rev.text
+            c.turns += [{"role": "user", "content": pr.revision}, {"role": "assistant", "content": cl.text}]
+            c.response = cl.text
+        return self._round_start(c, r + 1)
 
 
 def _round(pr: CritiquePrinciple, critique: str, revision: str, status: str, retries: int, with_critique: bool) -> dict:
@@ -199,28 +208,23 @@ def _round(pr: CritiquePrinciple, critique: str, revision: str, status: str, ret
     }
 
 
-def _chunks(items, n):
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
+def _helpful_requests(cfg, backend, params, shard: RecordShard, prompts, counts, bar) -> list:
+    """Helpful prompts answered `helpful_samples` times each into `helpful.jsonl` (the SFT mixture), as
+    requests in the same queue as the chains."""
+    p = replace(params, n=cfg.helpful_samples)
 
+    def on_done(req: Request, texts: list) -> None:
+        x, kept = req.key[1], []
+        for text in texts:
+            cl = clean(text, getattr(text, "truncated", False), kind="response")
+            counts[f"helpful/{cl.problem}" if cl.problem else "helpful/ok"] += 1
+            if not cl.problem:
+                kept.append(cl.text)
+        shard.append({"id": x["id"], "prompt": x["prompt"], "messages": x["messages"], "category": x.get("category"),
+                      "split": x.get("split"), "responses": kept, "model": backend.name})
+        bar.update(1)
 
-def _answer_helpful(cfg, backend, params, run_dir: RunDir, counts) -> int:
-    prompts = load_prompt_sets(cfg.helpful_prompts, run_dir, split=cfg.split, limit=cfg.helpful_limit)
-    p = GenerationParams(**{**params.__dict__, "n": cfg.helpful_samples})
-    with RecordShard(run_dir.stage_dir("revise") / "helpful.jsonl") as shard:
-        todo = shard.todo([x.to_dict() for x in prompts])
-        for chunk in tqdm(list(_chunks(todo, cfg.batch_size)), desc="revise: helpful samples", unit="batch"):
-            texts = backend.generate([x["messages"] for x in chunk], p)
-            for i, x in enumerate(chunk):
-                kept = []
-                for text in texts[i * cfg.helpful_samples : (i + 1) * cfg.helpful_samples]:
-                    c = clean(text, getattr(text, "truncated", False), kind="response")
-                    counts[f"helpful/{c.problem}" if c.problem else "helpful/ok"] += 1
-                    if not c.problem:
-                        kept.append(c.text)
-                shard.append({"id": x["id"], "prompt": x["prompt"], "messages": x["messages"], "category": x.get("category"),
-                              "split": x.get("split"), "responses": kept, "model": backend.name})
-        return sum(len(r["responses"]) for r in shard.records)
+    return [(backend, Request(x["messages"], p, key=(on_done, x))) for x in shard.todo([x.to_dict() for x in prompts])]
 
 
 def run(cfg: Config, run_dir: RunDir) -> dict:
@@ -230,7 +234,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     constitution = load_constitution(cfg.constitution)
     examples = load_fewshot(cfg.fewshot, "critique")[: cfg.fewshot_count]
     prompts = load_prompt_sets(cfg.prompts, run_dir, split=cfg.split, limit=cfg.limit)
-    opts = dict(dtype=cfg.dtype, batch_size=cfg.batch_size)
+    helpful = load_prompt_sets(cfg.helpful_prompts, run_dir, split=cfg.split, limit=cfg.helpful_limit) if cfg.helpful_prompts and cfg.helpful_samples else []
+    opts = dict(dtype=cfg.dtype, max_rows=cfg.batch_size)
     if cfg.system_prompt:
         opts["system_prompt"] = cfg.system_prompt
     backend = load_backend(cfg.model, **opts)
@@ -241,22 +246,31 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     prefix = fewshot_messages(examples, cfg.critique)
     counts: Counter = Counter()
     out = run_dir.stage_dir("revise")
-    with RecordShard(out / "revisions.jsonl") as shard:
+    with RecordShard(out / "revisions.jsonl") as shard, RecordShard(out / "helpful.jsonl") as helpful_shard:
         todo = shard.todo([p.to_dict() for p in prompts])
-        done_before = len(shard.records)
-        bar = tqdm(total=len(prompts), initial=done_before, desc="revise: critique -> revision", unit="prompt")
-        for chunk in _chunks(todo, cfg.batch_size):
-            chains = [_Chain(p, principles_for(cfg, p["id"], constitution), prefix) for p in chunk]
-            _revise_batch(cfg, chains, backend, critic, params, crit_params, counts)
-            for c in chains:
-                shard.append(_record(c, backend.name, critic.name if cfg.critique else None))
-            bar.update(len(chunk))
-        bar.close()
-        records = shard.records
+        done_before = len(shard.records) + len(helpful_shard.records)
+        bar = tqdm(total=len(prompts) + len(helpful), initial=done_before, desc="revise: chains + helpful samples", unit="prompt")
+
+        def on_chain(c: _Chain) -> None:
+            shard.append(_record(c, backend.name, critic.name if cfg.critique else None))
+            bar.update(1)
+
+        driver = _Driver(cfg, backend, critic, params, crit_params, counts, on_chain)
+        chains = [_Chain(p, principles_for(cfg, p["id"], constitution), prefix) for p in todo]
+        work = [driver.initial(c) for c in chains] + _helpful_requests(cfg, backend, params, helpful_shard, helpful, counts, bar)
+
+        def on_done(req: Request, texts: list):
+            if callable(req.key[0]):  # a helpful prompt
+                return req.key[0](req, texts)
+            return driver.on_done(req, texts)
+
+        gen = generation_meter(backend, critic)
+        with bar:
+            run_queues(work, on_done)
+        records, helpful_records = shard.records, helpful_shard.records
     seconds = time.time() - t0
-    helpful = _answer_helpful(cfg, backend, params, run_dir, counts) if cfg.helpful_prompts and cfg.helpful_samples else 0
-    summary = _summary(records, helpful, counts, seconds, len(todo))
-    summary["seconds"] = round(time.time() - t0, 1)
+    summary = _summary(records, sum(len(r["responses"]) for r in helpful_records), counts, seconds, len(todo))
+    summary.update(gen())
     return summary
 
 
@@ -287,6 +301,6 @@ def _summary(records: list[dict], helpful: int, counts: Counter, seconds: float,
         "words_final": mean([len(words(r["final_response"])) for r in records if r["usable"]]),
         "words_critique": mean([len(words(r["critique"])) for r in rounds if r["critique"]]),
         "cleaning": {k: counts[k] for k in sorted(counts)},
-        "seconds_revise": round(seconds, 1),
+        "seconds": round(seconds, 1),
         "seconds_per_prompt": round(seconds / processed, 2) if processed else None,
     }

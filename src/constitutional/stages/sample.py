@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from ..backends import GenerationParams, load_backend
+from ..backends.base import Request, generation_meter, run_queue
 from ..config import opt
 from ..errors import UserError
 from ..run import RecordShard, RunDir
@@ -28,7 +29,7 @@ from . import load_prompt_sets, resolve_model
 class Config:
     policy: str = opt("auto", "the model to sample from (auto = this run's SL-CAI model, else the starting model)")
     dtype: str = opt("auto", "auto (bf16 where the hardware has it), bfloat16 or float32")
-    batch_size: int = opt(8, "prompts per batch (each with k samples)")
+    batch_size: int = opt(64, "most sequences decoded together (the backend's token budget may allow fewer)")
     prompts: str = opt("builtin:redteam", "prompts to sample on; join sets with '+', run:redteam = this run's generated prompts")
     split: str = opt("train", "which split of the prompts: train, test or all (keep test for evaluation)")
     limit: int = opt(0, "prompts per prompt set (0 = all)")
@@ -46,24 +47,26 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     t0 = time.time()
     prompts = load_prompt_sets(cfg.prompts, run_dir, split=cfg.split, limit=cfg.limit)
     policy = resolve_model(cfg.policy, run_dir)
-    backend = load_backend(policy, dtype=cfg.dtype, batch_size=cfg.batch_size * cfg.k)
+    backend = load_backend(policy, dtype=cfg.dtype, max_rows=cfg.batch_size)
     params = GenerationParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               repetition_penalty=cfg.repetition_penalty, n=cfg.k, seed=cfg.seed)
     with RecordShard(run_dir.stage_dir("sample") / "pairs.jsonl") as shard:
         todo = shard.todo([p.to_dict() for p in prompts])
         bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="sample: responses", unit="prompt")
-        for start in range(0, len(todo), cfg.batch_size):
-            chunk = todo[start : start + cfg.batch_size]
-            texts = backend.generate([p["messages"] for p in chunk], params)
-            for i, p in enumerate(chunk):
-                mine = texts[i * cfg.k : (i + 1) * cfg.k]
-                shard.append({
-                    "id": p["id"], "prompt": p["prompt"], "messages": p["messages"], "category": p.get("category"),
-                    "split": p.get("split"), "responses": [str(t) for t in mine],
-                    "truncated": [bool(getattr(t, "truncated", False)) for t in mine], "policy": backend.name,
-                })
-            bar.update(len(chunk))
-        bar.close()
+
+        def sampled(req: Request, mine: list) -> None:
+            p = req.key
+            shard.append({
+                "id": p["id"], "prompt": p["prompt"], "messages": p["messages"], "category": p.get("category"),
+                "split": p.get("split"), "responses": [str(t) for t in mine],
+                "truncated": [bool(getattr(t, "truncated", False)) for t in mine], "policy": backend.name,
+            })
+            bar.update(1)
+
+        gen = generation_meter(backend)
+        with bar:
+            run_queue(backend, [Request(p["messages"], params, key=p) for p in todo], sampled)
+        speed = gen()
         records = shard.records
     n = sum(len(r["responses"]) for r in records)
     return {
@@ -74,4 +77,5 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
         "truncated_share": round(sum(sum(r["truncated"]) for r in records) / n, 3) if n else None,
         "policy": backend.name,
         "seconds": round(time.time() - t0, 1),
+        **speed,
     }
