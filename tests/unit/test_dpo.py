@@ -156,6 +156,9 @@ def test_trainer_loss_on_a_collated_batch_equals_the_pure_function_and_trls(tiny
     assert (pol != ref).all()
     want = soft_dpo_loss(pol[:4], pol[4:], ref[:4], ref[4:], batch["p_chosen"].double(), 0.5)
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    _, parts = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    for key, value in (("policy_chosen", pol[:4]), ("policy_rejected", pol[4:]), ("reference_chosen", ref[:4]), ("reference_rejected", ref[4:])):
+        assert parts[key].tolist() == pytest.approx(value.tolist(), abs=1e-4), key
     # With every target 1 the loss is TRL's own sigmoid loss (TRL computes it with its fused LM head).
     hard = {k: v for k, v in batch.items() if k != "p_chosen"}
     trl_loss = DPOTrainer.compute_loss(trainer, model, dict(hard))

@@ -347,7 +347,8 @@ def _compare(rows: list[dict], name: str = "rl_cai") -> dict:
 
 def evaluate(cfg: Config, run_dir: RunDir, sets: list, sl_policy: str, rl_model: Path, score: ScoreFn | None,
              name: str = "rl_cai") -> tuple[dict, list[dict]]:
-    """RL-CAI vs SL-CAI on the held-out prompts `sets`: (eval results, per-prompt samples).
+    """The trained policy at `rl_model` (RL-CAI; DPO for `cai dpo`) vs SL-CAI on the held-out prompts
+    `sets`: (eval results, per-prompt samples).
 
     `cfg` gives the sampling (max_new_tokens, temperature, seed), the judge (feedback_model) and the
     KL estimator (algorithm). `name` names the trained policy in the keys (`cai dpo` passes "dpo");
