@@ -65,23 +65,18 @@ class SoftDPOTrainer(DPOTrainer):
         if "p_chosen" not in self._signature_columns:
             self._signature_columns.append("p_chosen")
 
-    @staticmethod
-    def _next_token_logits(model, inputs) -> torch.Tensor:
-        """(2B, T - 1, V): position t predicts token t + 1."""
-        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits[:, :-1]
-
     def _reference_logits(self, inputs) -> torch.Tensor:
         with torch.no_grad():
             if self.ref_model is not None:
-                return self._next_token_logits(self.ref_model, inputs)
+                return next_token_logits(self.ref_model, inputs)
             unwrapped = self.accelerator.unwrap_model(self.model)  # LoRA: the policy with its adapter off
             with use_adapter(unwrapped, adapter_name=None):
-                return self._next_token_logits(self.model, inputs)
+                return next_token_logits(self.model, inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         labels, mask = inputs["input_ids"][:, 1:], inputs["completion_mask"][:, 1:].bool()
-        logits, ref_logits = self._next_token_logits(model, inputs), self._reference_logits(inputs)
+        logits, ref_logits = next_token_logits(model, inputs), self._reference_logits(inputs)
         policy_chosen, policy_rejected = completion_logps(logits, labels, mask).chunk(2)
         ref_chosen, ref_rejected = completion_logps(ref_logits, labels, mask).chunk(2)
         p = torch.ones_like(policy_chosen) if self.hard else inputs["p_chosen"]
@@ -106,23 +101,25 @@ class SoftDPOTrainer(DPOTrainer):
                           "reference_chosen": ref_chosen, "reference_rejected": ref_rejected}
         return loss
 
-    @torch.no_grad()
-    def sequence_logps(self, dataset, reference: bool = False, batch_size: int = 8) -> tuple[list[float], list[float]]:
-        """log π(chosen|x) and log π(rejected|x) of each row of a prepared (tokenized) `dataset`, in
-        row order, under the policy as it is now, or the reference; the same computation as the loss."""
-        model = self.model
-        was_training = model.training
-        model.eval()
-        chosen, rejected = [], []
-        try:
-            for start in range(0, len(dataset), batch_size):
-                batch = self._prepare_inputs(self.data_collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]))
-                with self.compute_loss_context_manager():
-                    logits = self._reference_logits(batch) if reference else self._next_token_logits(model, batch)
-                logps = completion_logps(logits, batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:].bool())
-                c, r = logps.chunk(2)
-                chosen += c.tolist()
-                rejected += r.tolist()
-        finally:
-            model.train(was_training)
-        return chosen, rejected
+
+def next_token_logits(model, inputs) -> torch.Tensor:
+    """(2B, T - 1, V) for a collated batch: position t predicts token t + 1."""
+    return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits[:, :-1]
+
+
+@torch.no_grad()
+def sequence_logps(model, dataset, collator, batch_size: int = 8) -> tuple[list[float], list[float]]:
+    """log π(chosen|x) and log π(rejected|x) of each row of a prepared (tokenized) `dataset`, in row
+    order, under a plain model (no trainer, no autocast: computed in the weights' dtype), batched by
+    `collator` as in training."""
+    device = next(model.parameters()).device
+    model.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(dataset), batch_size):
+        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logps = completion_logps(next_token_logits(model, batch), batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:].bool())
+        c, r = logps.chunk(2)
+        chosen += c.tolist()
+        rejected += r.tolist()
+    return chosen, rejected

@@ -238,6 +238,16 @@ def test_held_out_accuracy_rises_on_a_learnable_signal(tiny_model_dir, tmp_path)
     assert not (out / "model" / "training_args.bin").exists()
 
 
+def test_held_out_scores_are_float32_after_bf16_training(tiny_model_dir, tmp_path):
+    """Trained under bf16 autocast, the held-out log-probs still agree: reward margin = β·(after - before)."""
+    run_dir = RunDir(tmp_path / "run")
+    _write_jsonl(run_dir.path / "label" / "preferences.jsonl", _marker_preferences(n=24, n_test=8))
+    summary = dpo.run(_cfg(tiny_model_dir, dtype="bfloat16", heldout=0.0, max_steps=3, learning_rate=3e-3), run_dir)
+    a = json.loads((run_dir.path / "dpo" / "heldout.json").read_text())["all"]
+    assert summary["dtype"] == "bfloat16" and a["after"]["margin"] != a["before"]["margin"]
+    assert a["reward"]["margin"] == pytest.approx(0.1 * (a["after"]["margin"] - a["before"]["margin"]), rel=1e-4, abs=1e-5)
+
+
 def test_resumes_after_a_crash_to_the_weights_of_an_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 

@@ -23,6 +23,7 @@ labels p_chosen of `cai label`, taken from both option orders, kept as per-examp
   id salted with "dpo:"), never trained on. `heldout.json` ranks them by log π(y|x) under the starting
   policy (`before`) and the trained one (`after`): accuracy = share with log π(chosen) > log π(rejected),
   margin = mean difference in nats; and by the implicit reward β·log πθ/πref after training (`reward`).
+  All three models are loaded from their directories and score in float32, whatever the training dtype.
 - the comparison with SL-CAI is `cai rl`'s (`rl.evaluate`): on `eval_prompts` test-split prompts per
   set both answer with the same sampling settings and seeds; the PM (`reward_model`, else this run's
   `train-pm/model` if there is one) scores both (bootstrap interval of the mean paired difference),
@@ -278,23 +279,15 @@ def train(cfg: Config, run_dir: RunDir, data: tuple, policy: str, reference: str
                                 callbacks=[rl.MetricsRecorder(shard, step_record)])
         if len(trainer.train_dataset) == 0:  # TRL drops comparisons whose prompt alone fills max_length
             raise UserError(f"dpo.max_length {cfg.max_length}: every training prompt fills it; raise dpo.max_length")
-        held = trainer.eval_dataset
-        before = trainer.sequence_logps(held, batch_size=cfg.batch_size) if held else None  # train() loads a checkpoint's weights, not before
         if resume:
             print(f"[dpo] resuming from {resume}", file=sys.stderr)
         t0 = time.time()
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         seconds = time.time() - t0
         records = list(shard.records)
-    heldout = {"count": 0, "note": "no held-out comparisons (raise dpo.heldout or label more pairs)"}
-    if held:
-        after = trainer.sequence_logps(held, batch_size=cfg.batch_size)
-        ref = trainer.sequence_logps(held, reference=True, batch_size=cfg.batch_size)
-        heldout = {"count": len(held), **heldout_metrics(held["source"], before, after, ref, cfg.beta)}
-    atomic_write_json(out / "heldout.json", heldout)
     steps, tail = trainer.state.global_step, records[-max(1, len(records) // 10):]
     mean = lambda key, rs: rl._mean([r[key] for r in rs])  # noqa: E731
-    h = heldout.get("all") or {}
+    held, collator = trainer.eval_dataset, trainer.data_collator
     summary = {
         "policy": policy, "reference": reference, "data": cfg.data, "loss": cfg.loss, "beta": cfg.beta,
         "comparisons": {**counts, "dropped_too_long": len(train_pairs) - len(trainer.train_dataset)
@@ -302,16 +295,45 @@ def train(cfg: Config, run_dir: RunDir, data: tuple, policy: str, reference: str
         "steps": steps, "resumed_from_step": resumed_from,
         "loss_first": mean("dpo/loss", records[:1]), "loss_last": mean("dpo/loss", tail),
         "accuracy_last": mean("dpo/accuracy", tail), "margin_last": mean("dpo/margin", tail), "kl_last": mean("dpo/kl", tail),
-        "heldout_comparisons": heldout["count"],
-        "heldout_accuracy_before": (h.get("before") or {}).get("accuracy"), "heldout_accuracy_after": (h.get("after") or {}).get("accuracy"),
-        "heldout_margin_before": (h.get("before") or {}).get("margin"), "heldout_margin_after": (h.get("after") or {}).get("margin"),
-        "heldout_reward_accuracy": (h.get("reward") or {}).get("accuracy"),
         "seconds": round(seconds, 1), "seconds_per_step": round(seconds / max(1, steps - resumed_from), 3),
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "lora": cfg.lora, "dtype": training_dtype(cfg.dtype), "model": str(out / "model"),
     }
     save_model(trainer, out / "model", model_card(cfg, summary, None))
+    del trainer  # frees the policy and the reference before the held-out models load
+    heldout = {"count": 0, "note": "no held-out comparisons (raise dpo.heldout or label more pairs)"}
+    if held:
+        scores = score_heldout(held, collator, {"before": policy, "reference": reference, "after": str(out / "model")}, cfg.batch_size)
+        heldout = {"count": len(held), **heldout_metrics(held["source"], scores["before"], scores["after"], scores["reference"], cfg.beta)}
+    atomic_write_json(out / "heldout.json", heldout)
+    h = heldout.get("all") or {}
+    summary.update(
+        heldout_comparisons=heldout["count"],
+        heldout_accuracy_before=(h.get("before") or {}).get("accuracy"), heldout_accuracy_after=(h.get("after") or {}).get("accuracy"),
+        heldout_margin_before=(h.get("before") or {}).get("margin"), heldout_margin_after=(h.get("after") or {}).get("margin"),
+        heldout_reward_accuracy=(h.get("reward") or {}).get("accuracy"),
+    )
+    atomic_write_text(out / "model" / "README.md", model_card(cfg, summary, None))
     return summary
+
+
+def score_heldout(held, collator, models: dict[str, str], batch_size: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Per name in `models` (before, reference, after: model strings), the (chosen, rejected)
+    log-probabilities of the held-out rows, each model loaded from its directory in float32 and
+    scored without autocast: under bf16 autocast the same sequence's log-probability moves by
+    nats, more than a small DPO run changes it. A model named twice is scored once."""
+    import torch
+
+    from ..dpo_trainer import sequence_logps
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    done: dict[str, tuple] = {}
+    for name, spec in models.items():
+        if spec not in done:
+            model = load_causal_lm(spec, f"dpo.{name}")[0].to(device)
+            done[spec] = sequence_logps(model, held, collator, batch_size)
+            del model
+    return {name: done[spec] for name, spec in models.items()}
 
 
 # ---------------------------------------------------------------------------------------- output
@@ -329,8 +351,8 @@ def model_card(cfg: Config, summary: dict, evaluation: dict | None) -> str:
         f"- comparisons ({cfg.data}{' + helpful' if cfg.helpful else ''}): trained on {c['train']}, held out {c['heldout']}",
         f"- steps: {summary['steps']} (resumed from step {summary['resumed_from_step']}); loss {summary['loss_first']} -> {summary['loss_last']}; "
         f"final KL to the reference {summary['kl_last']} nats/token",
-        f"- held-out accuracy of log π(chosen) > log π(rejected) on {summary['heldout_comparisons']} comparisons: "
-        f"{fmt(summary['heldout_accuracy_before'])} before, {fmt(summary['heldout_accuracy_after'])} after",
+        f"- held-out accuracy of log π(chosen) > log π(rejected) on {summary.get('heldout_comparisons', 'the')} comparisons: "
+        f"{fmt(summary.get('heldout_accuracy_before'))} before, {fmt(summary.get('heldout_accuracy_after'))} after",
         f"- {summary['seconds_per_step']} s/step, peak memory {summary['peak_memory_mb']} MB, dtype {summary['dtype']}",
         "", "| setting | value |", "|---|---|", settings,
     ]
