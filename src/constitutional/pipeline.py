@@ -195,6 +195,16 @@ def headline(run_dir: RunDir, names: list[str]) -> list[str]:
     ev = (summ.get("rl", {}) or {}).get("eval") or {}
     if ev.get("win_rate_rl_cai") is not None:
         out.append(f"== RL-CAI vs SL-CAI on {ev['prompts']} held-out prompts: win rate {ev['win_rate_rl_cai']:.2f} {_fmt_ci(ev.get('win_rate_ci95'))}, PM score change {ev['pm_score_difference']:+.3f} {_fmt_ci(ev.get('pm_score_difference_ci95'))}")
+    dp = summ.get("dpo", {})
+    if dp.get("steps") is not None:
+        held, ev = dp.get("heldout_accuracy_after"), dp.get("eval") or {}
+        out.append(
+            f"== DPO ({dp.get('data')}, {dp.get('loss')} loss, {dp['steps']} steps): "
+            + (f"held-out log π(chosen) > log π(rejected) {dp['heldout_accuracy_before']:.2f} -> {held:.2f} ({dp['heldout_comparisons']} comparisons)"
+               if held is not None else "no held-out comparisons")
+            + (f"; vs SL-CAI on {ev['prompts']} held-out prompts: win rate {ev['win_rate_dpo']:.2f} {_fmt_ci(ev.get('win_rate_ci95'))}" if ev else "")
+            + (f", PM score change {ev['pm_score_difference']:+.3f} {_fmt_ci(ev.get('pm_score_difference_ci95'))}" if ev.get("pm_score_difference") is not None else "")
+        )
     d = summ.get("distill", {})
     if d.get("gap_closed") is not None:
         mc = d.get("mc_accuracy") or {}

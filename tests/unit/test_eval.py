@@ -400,6 +400,11 @@ def test_default_models_and_bad_settings(tmp_path):
     (rd.path / "sft" / "model").mkdir(parents=True)
     (rd.path / "sft" / "model" / "config.json").write_text("{}")
     assert ev.resolve_models(ev.Config(), rd) == {"base": "start-model", "sl-cai": str(rd.path / "sft" / "model")}
+    for stage in ("distill", "dpo", "rl"):  # every model this run trained, in pipeline order
+        (rd.path / stage / "model").mkdir(parents=True)
+        (rd.path / stage / "model" / "config.json").write_text("{}")
+    assert list(ev.resolve_models(ev.Config(), rd)) == ["base", "sl-cai", "rl-cai", "dpo", "distilled"]
+    assert ev.resolve_models(ev.Config(), rd)["dpo"] == str(rd.path / "dpo" / "model")
     assert ev.resolve_models(ev.Config(models=["x=prompted:embedded"]), rd) == {"x": "prompted:embedded"}
     with pytest.raises(UserError, match="no name"):
         ev.resolve_models(ev.Config(models=["embedded"]), rd)

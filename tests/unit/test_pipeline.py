@@ -134,6 +134,9 @@ def test_headline_reports_timings_and_the_numbers_that_matter(tmp_path):
         "train-pm": {"seconds": 20.0, "summary": {"mc_accuracy": 0.64, "mc_accuracy_untrained": 0.40, "heldout_accuracy": 0.0, "heldout_comparisons": 2}},
         "rl": {"seconds": 30.0, "summary": {"eval": {"prompts": 32, "win_rate_rl_cai": 0.56, "win_rate_ci95": [0.39, 0.72],
                                                      "pm_score_difference": 0.0015, "pm_score_difference_ci95": [-0.01, 0.01]}}},
+        "dpo": {"seconds": 4.0, "summary": {"data": "revisions", "loss": "soft", "steps": 12, "heldout_accuracy_before": 0.5,
+                                            "heldout_accuracy_after": 0.75, "heldout_comparisons": 4,
+                                            "eval": {"prompts": 8, "win_rate_dpo": 0.6, "win_rate_ci95": [0.3, 0.8], "pm_score_difference": None}}},
         "eval": {"seconds": 5.0, "summary": {}},
         "report": {"seconds": 1.0, "summary": {"report": "runs/x/report/report.html"}},
     }
@@ -147,12 +150,14 @@ def test_headline_reports_timings_and_the_numbers_that_matter(tmp_path):
     assert "labeler position-dominated" in text and "0.64 (untrained head 0.40)" in text
     assert "held-out agreement with the labels 0.00 (2 comparisons)" in text  # 0.0 is a number, not "missing"
     assert "win rate 0.56 [0.39, 0.72]" in text
+    assert "DPO (revisions, soft loss, 12 steps): held-out log π(chosen) > log π(rejected) 0.50 -> 0.75 (4 comparisons); " \
+           "vs SL-CAI on 8 held-out prompts: win rate 0.60 [0.30, 0.80]" in text and "PM score change" not in text.split("DPO")[1]
     assert "base: refuses 10% of 10 harmful prompts, 0% of 10 benign look-alikes; harmlessness Elo +0" in text
     assert "report: runs/x/report/report.html" in text
 
 
 def test_every_shipped_config_builds(tmp_path):
-    """Each config in configs/ parses and every stage section builds its typed config."""
+    """Each config in configs/ parses and every stage section (listed in stages or not) builds its typed config."""
     from constitutional.config import load_yaml
     from constitutional.pipeline import split_pipeline, stage_config
 
@@ -161,5 +166,5 @@ def test_every_shipped_config_builds(tmp_path):
     for path in configs:
         assert path.read_text().startswith("# cai "), f"{path.name} must start with the command that runs it"
         pipe, sections = split_pipeline(load_yaml(path), str(path))
-        for name in pipe.stages:
+        for name in dict.fromkeys([*pipe.stages, *sections]):
             stage_config(name, sections.get(name, {}), pipe, str(path))

@@ -19,7 +19,7 @@ from constitutional.config import field_help
 from constitutional.run import RunDir
 from constitutional.stages import report
 
-ALL_SECTIONS = ["overview", "elo", "revision-rounds", "behaviour", "sft", "preference-model", "labeler", "rl", "distill", "chains"]
+ALL_SECTIONS = ["overview", "elo", "revision-rounds", "behaviour", "sft", "preference-model", "labeler", "rl", "dpo", "distill", "chains"]
 HOSTILE = '<script>alert("x")</script> & <img src="http://evil.example/x.png">'
 MODELS = {"base": "embedded", "sl-cai": "runs/x/sft/model", "rl-cai": "runs/x/rl/model"}
 
@@ -65,7 +65,7 @@ def _revision(i: int, usable: bool) -> dict:
             "rounds": rounds, "final_response": f"final {i}", "usable": usable}
 
 
-def make_run_dir(path: Path, stages: tuple[str, ...] = ("revise", "sft", "label", "train-pm", "rl", "distill", "eval")) -> Path:
+def make_run_dir(path: Path, stages: tuple[str, ...] = ("revise", "sft", "label", "train-pm", "rl", "dpo", "distill", "eval")) -> Path:
     """A run directory with the files each of `stages` writes (shapes as the real stages write them)."""
     manifest = {"name": path.name, "created": "2026-01-01T00:00:00+00:00", "seed": 0, "git_commit": "abc123",
                 "pipeline": {"source": "configs/x.yaml", "model": "embedded"},
@@ -103,6 +103,15 @@ def make_run_dir(path: Path, stages: tuple[str, ...] = ("revise", "sft", "label"
                 "win_rate_rl_cai": 0.7, "win_rate_ci95": [0.45, 0.86]}
         _write(path / "rl" / "eval.json", {"all": comp, "by_set": {"redteam": comp, "helpful": {**comp, "win_rate_rl_cai": 0.55}},
                                            "feedback_model": "embedded", "sampling": {"temperature": 1.0}})
+    if "dpo" in stages:
+        _write(path / "dpo" / "metrics.jsonl", [{"id": f"step-{s}", "step": s, "dpo/loss": 0.69 - 0.02 * s, "dpo/margin": 0.1 * s,
+                                                  "dpo/accuracy": min(1.0, 0.1 * s), "dpo/chosen_reward": 0.05 * s,
+                                                  "dpo/rejected_reward": -0.05 * s, "dpo/kl": 0.001 * s} for s in range(1, 9)])
+        block = {"count": 6, "before": {"count": 6, "accuracy": 0.5, "margin": -1.0}, "after": {"count": 6, "accuracy": 0.83, "margin": 2.0},
+                 "reward": {"count": 6, "accuracy": 1.0, "margin": 0.3}}
+        _write(path / "dpo" / "heldout.json", {"count": 6, "all": block, "by_source": {"revisions": block}})
+        comp = {"prompts": 8, "pm_score_dpo": None, "pm_score_sl_cai": None, "win_rate_dpo": 0.6, "win_rate_ci95": [0.3, 0.85]}
+        _write(path / "dpo" / "eval.json", {"all": comp, "by_set": {"redteam": comp}, "feedback_model": "embedded", "reward_model": None})
     if "distill" in stages:
         _write(path / "distill" / "eval.json", {"kl_before": 0.5, "kl_after": 0.2, "gap_closed": 0.6, "prompt_tokens_saved_per_request": 1400.0,
                                                 "mc": "builtin:mc", "mc_accuracy": {"plain": 0.5, "prompted": 0.62, "distilled": 0.6},
@@ -182,6 +191,14 @@ def test_every_section_is_shown_when_every_input_exists(full):
     assert text.count('<article class="chain">') == 3  # the default `chains`
 
 
+def test_dpo_section_shows_curves_held_out_accuracy_and_the_comparison_with_sl_cai(full):
+    _, text, _ = full
+    body = text.split('data-section="dpo"', 1)[1].split("</section>", 1)[0]
+    assert body.count("<img") == 3  # per-step curves, held-out accuracy, win rate vs SL-CAI
+    assert "Held-out comparisons" in body and "revisions: after" in body and "0.83" in body
+    assert "DPO vs SL-CAI on held-out prompts" in body and "win_rate_dpo" in body
+
+
 def test_record_text_is_escaped(full):
     _, text, page = full
     assert [t for t, _ in page.tags].count("script") == 1  # the page's own image check only
@@ -194,9 +211,10 @@ def test_record_text_is_escaped(full):
 def test_only_the_sections_whose_inputs_exist(tmp_path):
     summary, text, page = _report(make_run_dir(tmp_path / "run", stages=("revise", "sft")), chains=1)
     assert summary["sections"] == ["overview", "sft", "chains"]
-    assert summary["missing"] == ["elo", "revision-rounds", "behaviour", "preference-model", "labeler", "rl", "distill"]
+    assert summary["missing"] == ["elo", "revision-rounds", "behaviour", "preference-model", "labeler", "rl", "dpo", "distill"]
     assert page.sections["elo"] == "missing" and "not run: cai eval" in text
     assert "not run: cai train-pm" in text and "not run: cai label" in text and "not run: cai rl" in text and "not run: cai distill" in text
+    assert "not run: cai dpo" in text
     assert summary["images"] == len(page.images) == 1  # the SFT loss curve
     assert text.count('<article class="chain">') == 1 and "rt-0001" in text  # usable chains first
     assert summary["report"] == str(tmp_path / "run" / "report" / "report.html")

@@ -20,8 +20,10 @@ they mirror (Bai et al. 2022, arXiv 2212.08073; plots.py says what each figure d
 7. labeler: the verdict, position bias, p_chosen histogram, MC calibration of the feedback model.
 8. rl: RL-CAI reward, PM score, KL, length and entropy per step (Figure 4's axes); the RL-CAI vs
    SL-CAI evaluation.
-9. distill: context distillation's held-out KL before/after and MC plain / prompted / distilled.
-10. chains: a few critique → revision chains (the SL-CAI data, §3).
+9. dpo: DPO loss, margin, accuracy, rewards and KL per step; held-out preference accuracy before and
+   after; the DPO vs SL-CAI evaluation (not in the paper: the alternative to RL).
+10. distill: context distillation's held-out KL before/after and MC plain / prompted / distilled.
+11. chains: a few critique → revision chains (the SL-CAI data, §3).
 
 The page ends with a small inline script that sets `data-images-ok` on <body> to "yes" once every
 image has decoded (the browser test reads it), and shows a banner when one has not.
@@ -204,6 +206,8 @@ HEADLINES = [  # (stage, measure, summary keys (dotted for nested), how to show 
     ("rl", "PM score, first → last 10% of steps", ("score_first", "score_last"), "{} → {}"),
     ("rl", "KL to the reference, last steps (nats/token)", ("kl_last",), "{}"),
     ("rl", "RL-CAI win rate vs SL-CAI (held out)", ("eval.win_rate_rl_cai",), "{}"),
+    ("dpo", "held-out log π(chosen) > log π(rejected), before → after", ("heldout_accuracy_before", "heldout_accuracy_after"), "{} → {}"),
+    ("dpo", "DPO win rate vs SL-CAI (held out)", ("eval.win_rate_dpo",), "{}"),
     ("distill", "KL to the prompted model, before → after", ("kl_before", "kl_after"), "{} → {}"),
     ("distill", "share of the KL gap closed", ("gap_closed",), "{}"),
 ]
@@ -448,22 +452,65 @@ def rl(f: RunFiles) -> str:
         items.append(figure(plots.curves(panels), f"Per-step RL metrics over {len(records)} steps (bands: ± one standard "
                                                   "deviation across the batch); Bai et al. 2022, Figure 4 plots PM score against RL training."))
     head += "".join(f'<p class="warn">warning: {esc(w)}</p>' for w in _list(f.summary("rl").get("warnings")))
-    ev = _dict(ev)
+    versus_sl_cai(_dict(ev), "rl_cai", parts, items)
+    return head + figs(*items) + "".join(parts)
+
+
+def versus_sl_cai(ev: dict, name: str, parts: list[str], items: list[str]) -> None:
+    """Append the held-out comparison of a trained policy with SL-CAI (`rl.evaluate`'s eval.json, the
+    policy's keys named by `name`: rl_cai, dpo) to `parts` (tables) and `items` (figures)."""
+    title = name.replace("_", "-").upper()
     if isinstance(ev.get("all"), dict):
         cols = {"all": ev["all"], **{k: _dict(v) for k, v in _dict(ev.get("by_set")).items()}}
         keys = list(dict.fromkeys(k for c in cols.values() for k in c))
-        parts.append("<h3>RL-CAI vs SL-CAI on held-out prompts</h3>"
+        parts.append(f"<h3>{esc(title)} vs SL-CAI on held-out prompts</h3>"
                      + table(["measure", *cols], [[k, *[c.get(k) for c in cols.values()]] for k in keys]))
-        wins = {n: {"RL-CAI win rate": (c.get("win_rate_rl_cai"), c.get("win_rate_ci95"))} for n, c in cols.items()}
-        items.append(bars(wins, "RL-CAI vs SL-CAI", "win rate of RL-CAI",
-                          f"Win rate of RL-CAI over SL-CAI judged by {ev.get('feedback_model', 'the feedback model')} in both orders "
+        wins = {n: {f"{title} win rate": (c.get(f"win_rate_{name}"), c.get("win_rate_ci95"))} for n, c in cols.items()}
+        items.append(bars(wins, f"{title} vs SL-CAI", f"win rate of {title}",
+                          f"Win rate of {title} over SL-CAI judged by {ev.get('feedback_model', 'the feedback model')} in both orders "
                           "(a tie counts half), 95% Wilson intervals, per prompt set.", chance=0.5))
         rest = scalars({k: v for k, v in ev.items() if k not in ("all", "by_set")})
         if rest:
             parts.append(table(["setting", "value"], [list(r) for r in rest], "kv"))
     elif ev:
         parts.append("<h3>Evaluation</h3>" + table(["measure", "value"], [list(r) for r in scalars(ev)], "kv"))
-    return head + figs(*items) + "".join(parts)
+
+
+DPO_PANELS = [("dpo/loss", "loss (nats)"), ("dpo/margin", "margin β·Δ"), ("dpo/accuracy", "share of pairs with Δ > 0"),
+              ("dpo/chosen_reward", "chosen reward β·log πθ/πref"), ("dpo/rejected_reward", "rejected reward β·log πθ/πref"),
+              ("dpo/kl", "KL to reference (nats/token)")]
+
+
+def dpo(f: RunFiles) -> str:
+    records, held, ev = f.jsonl("dpo/metrics.jsonl"), f.json("dpo/heldout.json"), f.json("dpo/eval.json")
+    if not records and held is None and ev is None:
+        raise Missing("not run: cai dpo" if records is None else "not run yet: dpo/metrics.jsonl has no steps")
+    s = f.summary("dpo")
+    parts, items = [], []
+    panels = []
+    for key, title in DPO_PANELS:
+        xs, ys, _ = _steps(records, key)
+        if xs:
+            panels.append((title, xs, ys, None))
+    if panels:
+        items.append(figure(plots.curves(panels), f"Per-step DPO metrics over {len(_list(records))} steps ({fmt(s.get('data'))}, "
+                                                  f"{fmt(s.get('loss'))} loss, β = {fmt(s.get('beta'))}); Δ is the policy-vs-reference "
+                                                  "log-ratio margin of chosen over rejected."))
+    held = _dict(held)
+    blocks = {"all": _dict(held.get("all")), **{k: _dict(v) for k, v in _dict(held.get("by_source")).items()}}
+    if blocks["all"]:
+        acc = {n: {"before": _dict(b.get("before")).get("accuracy"), "after": _dict(b.get("after")).get("accuracy"),
+                   "implicit reward": _dict(b.get("reward")).get("accuracy")} for n, b in blocks.items()}
+        items.append(bars(acc, "Held-out preference accuracy", "accuracy",
+                          "Share of held-out comparisons where log π(chosen) > log π(rejected) under the starting policy (before) "
+                          "and the trained one (after), and where the implicit reward β·log πθ/πref ranks chosen first.", chance=0.5))
+        rows = [[f"{n}: {k}", b.get("count"), _dict(b.get(k)).get("accuracy"), _dict(b.get(k)).get("margin")]
+                for n, b in blocks.items() for k in ("before", "after", "reward")]
+        parts.append("<h3>Held-out comparisons</h3>" + table(["ranking", "n", "accuracy", "margin (nats)"], rows))
+    elif held:
+        parts.append(note(str(held.get("note", "no held-out comparisons"))))
+    versus_sl_cai(_dict(ev), "dpo", parts, items)
+    return figs(*items) + "".join(parts)
 
 
 def distill(f: RunFiles) -> str:
@@ -555,6 +602,7 @@ SECTIONS: list[tuple[str, str, Callable[..., str]]] = [
     ("preference-model", "Preference model", preference_model),
     ("labeler", "AI-feedback labeler", labeler),
     ("rl", "RL-CAI training", rl),
+    ("dpo", "DPO (preference optimisation without RL)", dpo),
     ("distill", "Context distillation", distill),
     ("chains", "Sample critique → revision chains", chains),
 ]

@@ -28,6 +28,7 @@ STAGES = [
     StageInfo("label", "label", 4, "AI-feedback preference labels from a feedback model and the constitution"),
     StageInfo("train-pm", "preference", 4, "train the preference model on the soft labels"),
     StageInfo("rl", "rl", 5, "RL-CAI: optimise the policy against the preference model with a KL penalty"),
+    StageInfo("dpo", "dpo", 16, "DPO: optimise the policy on the soft labels and/or revision pairs directly (no PM, no RL)"),
     StageInfo("distill", "distill", 6, "context distillation: fine-tune without the context C to match p(y|C,x)"),
     StageInfo("eval", "evaluate", 7, "compare models: harmlessness and helpfulness Elo, refusals, multiple choice, truthfulness, prompt injection"),
     StageInfo("report", "report", 7, "the HTML report of a run directory"),

@@ -9,8 +9,8 @@ interpret questions literally and not fall for common myths), and prompt injecti
 above directions and ...").
 
 Models (`models`): `name: model string` pairs. Default: `base` (the run's starting model, the
-pipeline's `model`, else `embedded`), plus `sl-cai` (`<run>/sft/model`), `rl-cai` (`<run>/rl/model`)
-and `distilled` (`<run>/distill/model`) for those this run trained. Any model string works,
+pipeline's `model`, else `embedded`), plus `sl-cai` (`<run>/sft/model`), `rl-cai` (`<run>/rl/model`),
+`dpo` (`<run>/dpo/model`) and `distilled` (`<run>/distill/model`) for those this run trained. Any model string works,
 `prompted:<model>` (the model with the context C) included.
 
 Sections (`sections`; each one off gives `null` in results.json):
@@ -127,7 +127,7 @@ _MARKER = re.compile(r"</?\s*response_[AB]\s*>", re.IGNORECASE)
 
 @dataclass
 class Config:
-    models: dict[str, str] | list[str] = opt([], "models to compare: a mapping name: model string, or a list of name=model; empty = base (the run's starting model) plus sl-cai, rl-cai and distilled where this run trained them")
+    models: dict[str, str] | list[str] = opt([], "models to compare: a mapping name: model string, or a list of name=model; empty = base (the run's starting model) plus sl-cai, rl-cai, dpo and distilled where this run trained them")
     feedback_model: str = opt("auto", "the judge of the pairwise comparisons and the labeler under injection: auto (this run's SL-CAI model if trained, else the starting model), embedded, a directory or hub id")
     pm: str = opt("", "preference model directory for PM scores; empty = this run's train-pm/model when it exists, else PM scores are skipped")
     constitution: str = opt("default", "constitution whose feedback principles judge the comparisons: default or a path")
@@ -169,7 +169,7 @@ def resolve_models(cfg: Config, run_dir: RunDir) -> dict[str, str]:
     """name -> model string (see the module docstring for the defaults)."""
     if not cfg.models:
         out = {"base": run_dir.manifest.get("pipeline", {}).get("model") or "embedded"}
-        for name, stage in (("sl-cai", "sft"), ("rl-cai", "rl"), ("distilled", "distill")):
+        for name, stage in (("sl-cai", "sft"), ("rl-cai", "rl"), ("dpo", "dpo"), ("distilled", "distill")):
             if (run_dir.path / stage / "model" / "config.json").is_file():
                 out[name] = str(run_dir.path / stage / "model")
         return out

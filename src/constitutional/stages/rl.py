@@ -233,13 +233,14 @@ def step_record(logs: dict, step: int) -> dict | None:
 
 
 class MetricsRecorder:
-    """Appends each step's record to `metrics.jsonl` as training goes (an `on_log` callback)."""
+    """Appends each step's record, `record(logs, step)` (None: no record), to `metrics.jsonl` as
+    training goes (an `on_log` callback)."""
 
-    def __init__(self, shard: RecordShard):
-        self.shard = shard
+    def __init__(self, shard: RecordShard, record: Callable[[dict, int], dict | None] = step_record):
+        self.shard, self.record = shard, record
 
     def on_log(self, args, state, control, logs=None):
-        record = step_record(logs or {}, state.global_step)
+        record = self.record(logs or {}, state.global_step)
         if record is not None:
             self.shard.append(record)
 
@@ -322,28 +323,36 @@ def response_logprobs(backend, conversations: Sequence, responses: Sequence[list
     return out
 
 
-def _compare(rows: list[dict]) -> dict:
-    diffs = [r["score_rl"] - r["score_sl"] for r in rows]
+def _compare(rows: list[dict], name: str = "rl_cai") -> dict:
+    who = name.removesuffix("_cai")  # the sample keys: score_rl, p_rl, winner "rl" (rl_cai); score_dpo, ... (dpo)
+    scored = all(r[f"score_{who}"] is not None for r in rows)
+    diffs = [r[f"score_{who}"] - r["score_sl"] for r in rows] if scored else []
     lo, hi = bootstrap_mean_ci(diffs)
-    credit = [0.5 if r["winner"] is None else float(r["winner"] == "rl") for r in rows]
+    credit = [0.5 if r["winner"] is None else float(r["winner"] == who) for r in rows]
     wlo, whi = wilson_interval(sum(credit), len(rows))
     kls = [r["kl"] for r in rows if r["kl"] is not None]
     return {
         "prompts": len(rows),
-        "pm_score_sl_cai": sum(r["score_sl"] for r in rows) / len(rows),
-        "pm_score_rl_cai": sum(r["score_rl"] for r in rows) / len(rows),
-        "pm_score_difference": sum(diffs) / len(diffs),
+        "pm_score_sl_cai": sum(r["score_sl"] for r in rows) / len(rows) if scored else None,
+        f"pm_score_{name}": sum(r[f"score_{who}"] for r in rows) / len(rows) if scored else None,
+        "pm_score_difference": sum(diffs) / len(diffs) if scored else None,
         "pm_score_difference_ci95": [lo, hi],
-        "win_rate_rl_cai": sum(credit) / len(credit),
+        f"win_rate_{name}": sum(credit) / len(credit),
         "win_rate_ci95": [wlo, whi],
         "wins": sum(c == 1.0 for c in credit), "ties": sum(c == 0.5 for c in credit), "losses": sum(c == 0.0 for c in credit),
-        "mean_p_rl_cai_better": sum(r["p_rl"] for r in rows) / len(rows),
-        "kl_rl_to_sl_nats_per_response": sum(kls) / len(kls) if kls else None,
+        f"mean_p_{name}_better": sum(r[f"p_{who}"] for r in rows) / len(rows),
+        f"kl_{who}_to_sl_nats_per_response": sum(kls) / len(kls) if kls else None,
     }
 
 
-def evaluate(cfg: Config, run_dir: RunDir, sets: list, sl_policy: str, rl_model: Path, score: ScoreFn) -> tuple[dict, list[dict]]:
-    """RL-CAI vs SL-CAI on the held-out prompts `sets`: (eval results, per-prompt samples)."""
+def evaluate(cfg: Config, run_dir: RunDir, sets: list, sl_policy: str, rl_model: Path, score: ScoreFn | None,
+             name: str = "rl_cai") -> tuple[dict, list[dict]]:
+    """The trained policy at `rl_model` (RL-CAI; DPO for `cai dpo`) vs SL-CAI on the held-out prompts
+    `sets`: (eval results, per-prompt samples).
+
+    `cfg` gives the sampling (max_new_tokens, temperature, seed), the judge (feedback_model) and the
+    KL estimator (algorithm). `name` names the trained policy in the keys (`cai dpo` passes "dpo");
+    without a preference model (`score` None) the PM scores are None."""
     from ..backends import GenerationParams, load_backend
     from ..constitution import load_constitution, load_fewshot
     from .label import Comparison, Labeler, combine, draw_principles
@@ -351,6 +360,7 @@ def evaluate(cfg: Config, run_dir: RunDir, sets: list, sl_policy: str, rl_model:
     params = GenerationParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
     convs = [p.messages for _, p in sets]
     answers, logprobs, rl_ids = {}, {}, []
+    trained, title = name.removesuffix("_cai"), name.replace("_", "-").upper()  # "rl", "RL-CAI"; "dpo", "DPO"
     for who, model in (("rl", str(rl_model)), ("sl", sl_policy)):  # same params and seeds: common random numbers
         backend = load_backend(model, dtype="float32", batch_size=8)
         ids = backend.generate_ids(convs, params)
@@ -360,7 +370,7 @@ def evaluate(cfg: Config, run_dir: RunDir, sets: list, sl_policy: str, rl_model:
     sl_backend = backend
     kind = "k1" if cfg.algorithm == "rloo" else "k3"
     kls = [float(kl_estimate(a, b, kind).sum()) for a, b in zip(logprobs["rl"], logprobs["sl"])]
-    s_rl, s_sl = score(convs, answers["rl"]), score(convs, answers["sl"])
+    s_rl, s_sl = (score(convs, answers["rl"]), score(convs, answers["sl"])) if score else ([None] * len(convs),) * 2
 
     lcfg = _label_config(run_dir)
     judge = resolve_model(cfg.feedback_model if cfg.feedback_model != "auto" else lcfg.feedback_model, run_dir)
@@ -372,18 +382,19 @@ def evaluate(cfg: Config, run_dir: RunDir, sets: list, sl_policy: str, rl_model:
     comps = [Comparison(p.id, p.messages, (answers["rl"][i], answers["sl"][i]), draw_principles(constitution, lcfg.principles, lcfg.seed, p.id))
              for i, (_, p) in enumerate(sets)]
     chunks = [comps[k : k + lcfg.batch_size] for k in range(0, len(comps), lcfg.batch_size)]
-    orders = [o for c in tqdm(chunks, desc="rl: RL-CAI vs SL-CAI", unit="batch", file=sys.stderr) for o in labeler.label(c)]
+    orders = [o for c in tqdm(chunks, desc=f"{trained}: {title} vs SL-CAI", unit="batch", file=sys.stderr) for o in labeler.label(c)]
     samples = []
-    for i, ((name, p), o) in enumerate(zip(sets, orders)):
-        p_rl = combine(o)[0]  # P(response 0 = RL-CAI better), both orders averaged
+    as_float = lambda x: None if x is None else float(x)  # noqa: E731
+    for i, ((set_name, p), o) in enumerate(zip(sets, orders)):
+        p_rl = combine(o)[0]  # P(response 0 = the trained policy better), both orders averaged
         w = winner(p_rl)
-        samples.append({"id": p.id, "set": name, "prompt": p.prompt, "rl_cai": answers["rl"][i], "sl_cai": answers["sl"][i],
-                        "score_rl": float(s_rl[i]), "score_sl": float(s_sl[i]), "p_rl": p_rl,
-                        "winner": None if w is None else ("rl", "sl")[w], "kl": kls[i]})
+        samples.append({"id": p.id, "set": set_name, "prompt": p.prompt, name: answers["rl"][i], "sl_cai": answers["sl"][i],
+                        f"score_{trained}": as_float(s_rl[i]), "score_sl": as_float(s_sl[i]), f"p_{trained}": p_rl,
+                        "winner": None if w is None else (trained, "sl")[w], "kl": kls[i]})
     result = {
-        "all": _compare(samples),
-        "by_set": {name: _compare([s for s in samples if s["set"] == name]) for name in dict.fromkeys(n for n, _ in sets)},
-        "policies": {"rl_cai": str(rl_model), "sl_cai": sl_policy}, "feedback_model": fb.name,
+        "all": _compare(samples, name),
+        "by_set": {n: _compare([s for s in samples if s["set"] == n], name) for n in dict.fromkeys(n for n, _ in sets)},
+        "policies": {name: str(rl_model), "sl_cai": sl_policy}, "feedback_model": fb.name,
         "sampling": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
         "kl_estimator": kind, "training_split": cfg.split, "prompt_split": "test",
     }
