@@ -37,10 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import opt
-from ..data.loaders import parse_transcript, split_of
+from ..data.loaders import file_stem, implicit_prompt, parse_transcript, read_rows, split_of
 from ..errors import UserError
 from .. import distributed
-from ..run import RunDir, atomic_write_json, atomic_write_text, read_records
+from ..run import RunDir, atomic_write_json, atomic_write_text
 from . import resolve_model
 
 STAGE = "train-pm"
@@ -98,25 +98,30 @@ def _response(value, where: str) -> str:
 
 
 def read_comparisons(path: Path, default_p: float | None = None) -> list[Comparison]:
-    """Comparisons from a JSONL file; every malformed line is a one-line `UserError` naming it.
+    """Comparisons from any file `loaders.read_rows` reads (JSONL, gzipped or not, Parquet, a datasets
+    directory); every malformed record is a one-line `UserError` naming it and the missing field.
 
+    A record without `prompt`/`messages` (HH-RLHF) is split by `loaders.implicit_prompt`.
     `p_chosen` is required unless `default_p` is given; `split` defaults to the hash of the id.
     """
     out, seen = [], set()
-    for rec, n in read_records(path):
-        where = f"{path}:{n}"
+    for n, (rec, where) in enumerate(read_rows(path, "comparison")):
         if not isinstance(rec, dict):
             raise UserError(f"{where}: expected an object with prompt, chosen, rejected, p_chosen")
+        rec = {k: v for k, v in rec.items() if v is not None}  # null = missing, in every format
         missing = [k for k in ("chosen", "rejected") if k not in rec]
-        if missing or ("messages" not in rec and "prompt" not in rec):
-            raise UserError(f"{where}: missing field {(missing or ['prompt'])[0]!r}; expected prompt (or messages), chosen, rejected, p_chosen")
-        messages = _messages(rec["messages"] if "messages" in rec else rec["prompt"], f"{where} (prompt)")
+        if missing:
+            raise UserError(f"{where}: missing field {missing[0]!r}; expected prompt (or messages), chosen, rejected, p_chosen")
+        if "messages" in rec or "prompt" in rec:
+            messages = _messages(rec["messages"] if "messages" in rec else rec["prompt"], f"{where} (prompt)")
+        else:
+            messages, rec["chosen"], rec["rejected"] = implicit_prompt(rec["chosen"], rec["rejected"], where)
         p = rec.get("p_chosen", default_p)
         if p is None:
             raise UserError(f"{where}: missing field 'p_chosen' (the labeler's probability that chosen is better)")
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0.0 <= p <= 1.0:
             raise UserError(f"{where} (p_chosen): {p!r} is not a probability in [0, 1]")
-        rid = str(rec.get("id", f"{path.stem}-{n:05d}"))
+        rid = str(rec.get("id", f"{file_stem(path)}-{n:05d}"))
         if rid in seen:
             raise UserError(f"{where}: duplicate id {rid!r}; ids must be unique")
         seen.add(rid)
