@@ -10,7 +10,8 @@ soft-label loss of `preference_model.py`; it resumes from the latest checkpoint 
 Written under `<run>/train-pm/`:
 - `model/`: the PM as a transformers directory (safetensors, tokenizer, config with pad_token_id,
   README.md card), written to a temp folder and renamed; load it with `PreferenceModel.from_pretrained`;
-- `loss.json`: the trainer's log history (loss, accuracy, margin, rewards per logged step);
+- `loss.json`: the trainer's log history (loss, accuracy, margin, rewards per logged step), also
+  sent to TensorBoard (`logs/`) and/or W&B with `report_to` (training.py);
 - `metrics.json`: held-out agreement with the labeler and calibration (comparisons on test-split
   prompts and a `heldout` share of the others, by a hash of the id, are never trained on), and PM accuracy on the multiple-choice comparison set (the paper's
   "PM accuracy on HHH comparisons"): score(question, correct) > score(question, incorrect); the same
@@ -41,6 +42,7 @@ from ..data.loaders import file_stem, implicit_prompt, parse_transcript, read_ro
 from ..errors import UserError
 from .. import distributed
 from ..run import RunDir, atomic_write_json, atomic_write_text
+from ..training import report_targets, tracking
 from . import resolve_model
 
 STAGE = "train-pm"
@@ -61,6 +63,7 @@ class Config:
     save_steps: int = opt(50, "checkpoint every this many steps for resume (0 = no checkpoints)")
     heldout: float = opt(0.2, "share of comparisons held out for evaluation (by a hash of the id), besides those on test-split prompts")
     mc: str = opt("builtin:mc", "comparison set for PM accuracy (items with question/correct_response/incorrect_response); empty = skip")
+    report_to: str = opt("none", "experiment tracking: none, tensorboard (<run>/train-pm/logs), wandb or tensorboard,wandb")
     seed: int = opt(0, "random seed (head initialisation, data order)")
 
 
@@ -208,6 +211,7 @@ def _inputs(cfg: Config, run_dir: RunDir) -> tuple[list[Comparison], list[Compar
     """(train, held-out, helpful comparisons, mc items), every input checked before a model loads."""
     if not 0 <= cfg.heldout < 1:
         raise UserError(f"train-pm.heldout {cfg.heldout}: must be in [0, 1)")
+    report_targets(cfg.report_to, "train-pm.report_to")
     pref_path = Path(cfg.preferences) if cfg.preferences else run_dir.path / "label" / "preferences.jsonl"
     if not pref_path.is_file():
         raise UserError(f"{pref_path}: preferences not found; run `cai label` first or set train-pm.preferences")
@@ -256,7 +260,8 @@ def _training_args(cfg: Config, output_dir: Path):
         save_steps=max(cfg.save_steps, 1),
         save_total_limit=1,
         logging_steps=1,
-        report_to="none",
+        report_to=report_targets(cfg.report_to),
+        run_name=f"{output_dir.parent.parent.name}/{STAGE}",
         seed=cfg.seed,
         use_cpu=device.type == "cpu",  # transformers refuses bf16 on a CPU unless told it is one
         dataloader_pin_memory=device.type == "cuda",
@@ -284,26 +289,27 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)  # a save cut short by a crash
     rows = [preference_row(tokenizer, c.messages, c.chosen, c.rejected, c.p_chosen) for c in train + helpful]
-    trainer = SoftLabelRewardTrainer(
-        model=base, args=_training_args(cfg, ckpt_dir), train_dataset=Dataset.from_list(rows), processing_class=tokenizer
-    )
-    n_trained = len(trainer.train_dataset)  # TRL drops comparisons longer than max_length
-    if n_trained == 0:
-        raise UserError(f"all {len(rows)} training comparisons are longer than max_length={cfg.max_length} tokens; raise train-pm.max_length")
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-    start_step = int(last.rsplit("-", 1)[1]) if last else 0
-    # The baseline for the trained PM's metrics: the same model with its fresh (random) head.
-    # Not measured on a resume (the initial head is gone); train mode is restored by train().
-    untrained = None
-    if not last and distributed.is_main():
-        pm0 = PreferenceModel(trainer.model, tokenizer, batch_size=cfg.batch_size, name="untrained")
-        untrained = {"heldout": _heldout_metrics(pm0, heldout)}
-        if mc_items:
-            untrained["mc"] = _mc_metrics(pm0, mc_items)
-        del pm0
-    t0 = time.time()
-    trainer.train(resume_from_checkpoint=last)
-    seconds = time.time() - t0
+    with tracking(cfg.report_to, out, "train-pm.report_to"):
+        trainer = SoftLabelRewardTrainer(
+            model=base, args=_training_args(cfg, ckpt_dir), train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+        )
+        n_trained = len(trainer.train_dataset)  # TRL drops comparisons longer than max_length
+        if n_trained == 0:
+            raise UserError(f"all {len(rows)} training comparisons are longer than max_length={cfg.max_length} tokens; raise train-pm.max_length")
+        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+        start_step = int(last.rsplit("-", 1)[1]) if last else 0
+        # The baseline for the trained PM's metrics: the same model with its fresh (random) head.
+        # Not measured on a resume (the initial head is gone); train mode is restored by train().
+        untrained = None
+        if not last and distributed.is_main():
+            pm0 = PreferenceModel(trainer.model, tokenizer, batch_size=cfg.batch_size, name="untrained")
+            untrained = {"heldout": _heldout_metrics(pm0, heldout)}
+            if mc_items:
+                untrained["mc"] = _mc_metrics(pm0, mc_items)
+            del pm0
+        t0 = time.time()
+        trainer.train(resume_from_checkpoint=last)
+        seconds = time.time() - t0
     steps, log_history = trainer.state.global_step, trainer.state.log_history
     trainer.save_model(str(tmp))  # every process takes part (FSDP/DeepSpeed gather the weights); the main one writes
     if not distributed.is_main():
