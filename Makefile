@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser quickstart test test-unit bench bench-decode clean
+.PHONY: install browser terminal quickstart test test-unit bench bench-decode clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,7 +28,13 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || [ "$$CAI_SKIP_BROWSER" = 1 ] || \
 	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-test: $(STAMP) browser
+# The chat's terminal test drives `cai chat` in tmux (Debian's package; needs root for apt-get).
+# Without it, set CAI_SKIP_TERMINAL=1 to skip that one test.
+terminal:
+	@command -v tmux >/dev/null 2>&1 || [ "$$CAI_SKIP_TERMINAL" = 1 ] || \
+	  (apt-get update -qq && apt-get install -y -qq tmux >/dev/null)
+
+test: $(STAMP) browser terminal
 	$(BIN)/python -m pytest -q tests
 
 test-unit: $(STAMP)
