@@ -103,6 +103,9 @@ def _hf_stream(backend, messages: list[dict], params: GenerationParams, stop: th
             return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
     ids = backend.tokenizer(backend.render_chat(messages), add_special_tokens=False, return_tensors="pt")["input_ids"].to(backend.device)
+    if ids.shape[1] + params.max_new_tokens > backend.max_positions:
+        raise UserError(f"{backend.name}: the conversation is {ids.shape[1]} tokens, with {params.max_new_tokens} new ones more than "
+                        f"the model's {backend.max_positions}; /reset to start over, or lower --max-new-tokens")
     sample = params.temperature > 0
     config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=sample, temperature=params.temperature if sample else None,
                               top_p=params.top_p if sample else None, top_k=None, eos_token_id=sorted(backend.eos_ids), pad_token_id=backend.pad_id)
@@ -161,7 +164,8 @@ class Chat:
                 out.write(" [stopped]")
             out.write("\n")
             answers[label] = "".join(pieces).strip()
-            self.turns[label] += [{"role": "user", "content": text}, {"role": "assistant", "content": answers[label]}]
+        for label, answer in answers.items():  # every model answered: the turn joins each conversation
+            self.turns[label] += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         return answers
 
     def command(self, line: str, out: TextIO) -> bool:
@@ -202,7 +206,10 @@ def interactive(chat: Chat, out: TextIO = sys.stdout) -> None:
             if not chat.command(line, out):
                 return
             continue
-        chat.ask(line, out)
+        try:
+            chat.ask(line, out)
+        except UserError as e:  # e.g. a conversation longer than a model's context: the session goes on
+            out.write(f"\n(error: {e}; the turn was not kept)\n")
 
 
 def cmd_chat(args) -> int:

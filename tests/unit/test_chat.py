@@ -92,7 +92,10 @@ def test_streamed_answers_equal_the_backends(parrot_dirs, tmp_path):
                       {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "abc"}]):
             for b in (backend, prompted):
                 assert "".join(stream(b, conv, GREEDY)).strip() == b.generate([conv], GREEDY)[0]  # the backend strips its answers too
-    assert "".join(stream(load_backend(str(parrot_dirs[0]), dtype="float32"), [{"role": "user", "content": "Hello"}], GREEDY)) == "Knead the dough well."
+    backend = load_backend(str(parrot_dirs[0]), dtype="float32")
+    assert "".join(stream(backend, [{"role": "user", "content": "Hello"}], GREEDY)) == "Knead the dough well."
+    with pytest.raises(UserError, match=r"with 5000 new ones more than the model's 4096; /reset to start over"):
+        list(stream(backend, [{"role": "user", "content": "Hello"}], GenerationParams(max_new_tokens=5000)))
 
 
 def test_one_shot_mode_prints_each_models_answer(parrot_dirs, tmp_path):
