@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from .config import build
@@ -57,7 +58,11 @@ def sft_rows(run_dir: RunDir) -> tuple[list[dict], str] | None:
 
         recorded = run_dir.manifest.get("config", {}).get("sft") or {}
         cfg = build(sft.Config, recorded, f"{run_dir.manifest_path} (config.sft)")
-        rows, _ = sft.build_dataset(cfg, run_dir)
+        try:
+            rows, _ = sft.build_dataset(cfg, run_dir)
+        except UserError as e:  # e.g. no usable revision: the revisions are still worth exporting
+            print(f"sft: skipped ({e})", file=sys.stderr)
+            return None
         source = f"built from `{run_dir.path / 'revise'}` with the {'recorded' if recorded else 'default'} sft settings (`cai sft` has not run)"
     else:
         return None
