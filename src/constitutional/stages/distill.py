@@ -43,7 +43,8 @@ Measurements (`eval.json`, the summary): on held-out prompts (the test split of 
 the per-token KL(p0(·|C) ‖ p) before and after training and the fraction of the gap closed
 (1 - after/before); the prompt tokens saved per request (the teacher's input minus the student's:
 C's tokens, less the default system prompt C replaces); multiple-choice accuracy (`mc`) of the plain,
-prompted and distilled models (the paper's three bars). `loss.json`: the training loss per step.
+prompted and distilled models (the paper's three bars). `loss.json`: the training loss per step,
+also sent to TensorBoard (`logs/`) and/or W&B with `report_to` (transformers' callbacks, training.py).
 `model/`: the distilled model (safetensors, tokenizer, README.md card), written atomically.
 
 Run: `cai distill --run-dir runs/x` (`--set context=my_context.yaml --set lora=true`).
@@ -79,7 +80,7 @@ from ..data.loaders import load_mc
 from ..errors import UserError
 from ..run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now
 from . import load_prompt_sets
-from ..training import lora_config, save_model, training_dtype
+from ..training import LoopLogger, lora_config, report_targets, save_model, tracking, training_dtype
 
 
 @dataclass
@@ -106,6 +107,7 @@ class Config:
     save_steps: int = opt(50, "steps between checkpoints (a rerun resumes from the newest)")
     mc: str = opt("builtin:mc", "multiple-choice set for the plain / prompted / distilled accuracies ('' = skip)")
     mc_limit: int = opt(0, "multiple-choice items to score (0 = all)")
+    report_to: str = opt("none", "experiment tracking: none, tensorboard (<run>/distill/logs), wandb or tensorboard,wandb")
     seed: int = opt(0, "random seed (teacher samples, data order)")
 
 
@@ -406,17 +408,21 @@ def train(cfg: Config, student, teacher: Teacher, examples: list[Example], pad_i
     student.train()
     t0 = time.time()
     bar = tqdm(range(start, total), desc="distill: training", unit="step", file=sys.stderr, initial=start, total=total)
-    for step in bar:
-        epoch, k = divmod(step, per_epoch)
-        order = epoch_order(len(examples), cfg.seed, epoch)
-        batch = [examples[i] for i in order[k * cfg.batch_size : (k + 1) * cfg.batch_size]]
-        lr = cfg.learning_rate * (1 - step / total)
-        torch.manual_seed(cfg.seed + step)  # dropout, if the model has any, replays on resume
-        loss = train_step(student, optimizer, teacher, batch, pad_id, bf16, lr, targets)
-        curve.append({"step": step + 1, "loss": loss, "learning_rate": lr, "epoch": round((step + 1) / per_epoch, 4)})
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if (step + 1) % cfg.save_steps == 0 or step + 1 == total:
-            save_checkpoint(ckpt_dir, step + 1, student, optimizer, {"curve": curve, "fingerprint": fingerprint})
+    with tracking(cfg.report_to, ckpt_dir.parent, "distill.report_to") as trackers:
+        logger = LoopLogger(trackers, ckpt_dir.parent, student)  # the trainers' TensorBoard / W&B callbacks
+        for step in bar:
+            epoch, k = divmod(step, per_epoch)
+            order = epoch_order(len(examples), cfg.seed, epoch)
+            batch = [examples[i] for i in order[k * cfg.batch_size : (k + 1) * cfg.batch_size]]
+            lr = cfg.learning_rate * (1 - step / total)
+            torch.manual_seed(cfg.seed + step)  # dropout, if the model has any, replays on resume
+            loss = train_step(student, optimizer, teacher, batch, pad_id, bf16, lr, targets)
+            curve.append({"step": step + 1, "loss": loss, "learning_rate": lr, "epoch": round((step + 1) / per_epoch, 4)})
+            logger.log(step + 1, {key: v for key, v in curve[-1].items() if key != "step"})
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if (step + 1) % cfg.save_steps == 0 or step + 1 == total:
+                save_checkpoint(ckpt_dir, step + 1, student, optimizer, {"curve": curve, "fingerprint": fingerprint})
+        logger.close()
     return {"steps": total, "resumed_from_step": start, "curve": curve, "seconds": time.time() - t0}
 
 
@@ -436,6 +442,7 @@ def _check(cfg: Config) -> None:
         raise UserError(f"distill: learning_rate must be > 0 and temperature >= 0 (got {cfg.learning_rate}, {cfg.temperature})")
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         raise UserError(f"distill.dtype {cfg.dtype!r}: use auto, bfloat16 or float32")
+    report_targets(cfg.report_to, "distill.report_to")
     if cfg.model.strip().startswith(("prompted:", "openai:")):
         raise UserError(f"distill.model {cfg.model!r}: give the plain model (embedded, a local model directory or a hub id); "
                         "the teacher is it with distill.context, and the student is trained from its weights")

@@ -10,7 +10,8 @@ soft-label loss of `preference_model.py`; it resumes from the latest checkpoint 
 Written under `<run>/train-pm/`:
 - `model/`: the PM as a transformers directory (safetensors, tokenizer, config with pad_token_id,
   README.md card), written to a temp folder and renamed; load it with `PreferenceModel.from_pretrained`;
-- `loss.json`: the trainer's log history (loss, accuracy, margin, rewards per logged step);
+- `loss.json`: the trainer's log history (loss, accuracy, margin, rewards per logged step), also
+  sent to TensorBoard (`logs/`) and/or W&B with `report_to` (training.py);
 - `metrics.json`: held-out agreement with the labeler and calibration (comparisons on test-split
   prompts and a `heldout` share of the others, by a hash of the id, are never trained on), and PM accuracy on the multiple-choice comparison set (the paper's
   "PM accuracy on HHH comparisons"): score(question, correct) > score(question, incorrect); the same
@@ -37,10 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import opt
-from ..data.loaders import parse_transcript, split_of
+from ..data.loaders import file_stem, implicit_prompt, parse_transcript, read_rows, split_of
 from ..errors import UserError
 from .. import distributed
-from ..run import RunDir, atomic_write_json, atomic_write_text, read_records
+from ..run import RunDir, atomic_write_json, atomic_write_text
+from ..training import report_targets, tracking
 from . import resolve_model
 
 STAGE = "train-pm"
@@ -61,6 +63,7 @@ class Config:
     save_steps: int = opt(50, "checkpoint every this many steps for resume (0 = no checkpoints)")
     heldout: float = opt(0.2, "share of comparisons held out for evaluation (by a hash of the id), besides those on test-split prompts")
     mc: str = opt("builtin:mc", "comparison set for PM accuracy (items with question/correct_response/incorrect_response); empty = skip")
+    report_to: str = opt("none", "experiment tracking: none, tensorboard (<run>/train-pm/logs), wandb or tensorboard,wandb")
     seed: int = opt(0, "random seed (head initialisation, data order)")
 
 
@@ -98,25 +101,30 @@ def _response(value, where: str) -> str:
 
 
 def read_comparisons(path: Path, default_p: float | None = None) -> list[Comparison]:
-    """Comparisons from a JSONL file; every malformed line is a one-line `UserError` naming it.
+    """Comparisons from any file `loaders.read_rows` reads (JSONL, gzipped or not, Parquet, a datasets
+    directory); every malformed record is a one-line `UserError` naming it and the missing field.
 
+    A record without `prompt`/`messages` (HH-RLHF) is split by `loaders.implicit_prompt`.
     `p_chosen` is required unless `default_p` is given; `split` defaults to the hash of the id.
     """
     out, seen = [], set()
-    for rec, n in read_records(path):
-        where = f"{path}:{n}"
+    for n, (rec, where) in enumerate(read_rows(path, "comparison")):
         if not isinstance(rec, dict):
             raise UserError(f"{where}: expected an object with prompt, chosen, rejected, p_chosen")
+        rec = {k: v for k, v in rec.items() if v is not None}  # null = missing, in every format
         missing = [k for k in ("chosen", "rejected") if k not in rec]
-        if missing or ("messages" not in rec and "prompt" not in rec):
-            raise UserError(f"{where}: missing field {(missing or ['prompt'])[0]!r}; expected prompt (or messages), chosen, rejected, p_chosen")
-        messages = _messages(rec["messages"] if "messages" in rec else rec["prompt"], f"{where} (prompt)")
+        if missing:
+            raise UserError(f"{where}: missing field {missing[0]!r}; expected prompt (or messages), chosen, rejected, p_chosen")
+        if "messages" in rec or "prompt" in rec:
+            messages = _messages(rec["messages"] if "messages" in rec else rec["prompt"], f"{where} (prompt)")
+        else:
+            messages, rec["chosen"], rec["rejected"] = implicit_prompt(rec["chosen"], rec["rejected"], where)
         p = rec.get("p_chosen", default_p)
         if p is None:
             raise UserError(f"{where}: missing field 'p_chosen' (the labeler's probability that chosen is better)")
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0.0 <= p <= 1.0:
             raise UserError(f"{where} (p_chosen): {p!r} is not a probability in [0, 1]")
-        rid = str(rec.get("id", f"{path.stem}-{n:05d}"))
+        rid = str(rec.get("id", f"{file_stem(path)}-{n:05d}"))
         if rid in seen:
             raise UserError(f"{where}: duplicate id {rid!r}; ids must be unique")
         seen.add(rid)
@@ -203,6 +211,7 @@ def _inputs(cfg: Config, run_dir: RunDir) -> tuple[list[Comparison], list[Compar
     """(train, held-out, helpful comparisons, mc items), every input checked before a model loads."""
     if not 0 <= cfg.heldout < 1:
         raise UserError(f"train-pm.heldout {cfg.heldout}: must be in [0, 1)")
+    report_targets(cfg.report_to, "train-pm.report_to")
     pref_path = Path(cfg.preferences) if cfg.preferences else run_dir.path / "label" / "preferences.jsonl"
     if not pref_path.is_file():
         raise UserError(f"{pref_path}: preferences not found; run `cai label` first or set train-pm.preferences")
@@ -251,7 +260,8 @@ def _training_args(cfg: Config, output_dir: Path):
         save_steps=max(cfg.save_steps, 1),
         save_total_limit=1,
         logging_steps=1,
-        report_to="none",
+        report_to=report_targets(cfg.report_to),
+        run_name=f"{output_dir.parent.parent.name}/{STAGE}",
         seed=cfg.seed,
         use_cpu=device.type == "cpu",  # transformers refuses bf16 on a CPU unless told it is one
         dataloader_pin_memory=device.type == "cuda",
@@ -279,26 +289,27 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)  # a save cut short by a crash
     rows = [preference_row(tokenizer, c.messages, c.chosen, c.rejected, c.p_chosen) for c in train + helpful]
-    trainer = SoftLabelRewardTrainer(
-        model=base, args=_training_args(cfg, ckpt_dir), train_dataset=Dataset.from_list(rows), processing_class=tokenizer
-    )
-    n_trained = len(trainer.train_dataset)  # TRL drops comparisons longer than max_length
-    if n_trained == 0:
-        raise UserError(f"all {len(rows)} training comparisons are longer than max_length={cfg.max_length} tokens; raise train-pm.max_length")
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-    start_step = int(last.rsplit("-", 1)[1]) if last else 0
-    # The baseline for the trained PM's metrics: the same model with its fresh (random) head.
-    # Not measured on a resume (the initial head is gone); train mode is restored by train().
-    untrained = None
-    if not last and distributed.is_main():
-        pm0 = PreferenceModel(trainer.model, tokenizer, batch_size=cfg.batch_size, name="untrained")
-        untrained = {"heldout": _heldout_metrics(pm0, heldout)}
-        if mc_items:
-            untrained["mc"] = _mc_metrics(pm0, mc_items)
-        del pm0
-    t0 = time.time()
-    trainer.train(resume_from_checkpoint=last)
-    seconds = time.time() - t0
+    with tracking(cfg.report_to, out, "train-pm.report_to"):
+        trainer = SoftLabelRewardTrainer(
+            model=base, args=_training_args(cfg, ckpt_dir), train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+        )
+        n_trained = len(trainer.train_dataset)  # TRL drops comparisons longer than max_length
+        if n_trained == 0:
+            raise UserError(f"all {len(rows)} training comparisons are longer than max_length={cfg.max_length} tokens; raise train-pm.max_length")
+        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+        start_step = int(last.rsplit("-", 1)[1]) if last else 0
+        # The baseline for the trained PM's metrics: the same model with its fresh (random) head.
+        # Not measured on a resume (the initial head is gone); train mode is restored by train().
+        untrained = None
+        if not last and distributed.is_main():
+            pm0 = PreferenceModel(trainer.model, tokenizer, batch_size=cfg.batch_size, name="untrained")
+            untrained = {"heldout": _heldout_metrics(pm0, heldout)}
+            if mc_items:
+                untrained["mc"] = _mc_metrics(pm0, mc_items)
+            del pm0
+        t0 = time.time()
+        trainer.train(resume_from_checkpoint=last)
+        seconds = time.time() - t0
     steps, log_history = trainer.state.global_step, trainer.state.log_history
     trainer.save_model(str(tmp))  # every process takes part (FSDP/DeepSpeed gather the weights); the main one writes
     if not distributed.is_main():

@@ -24,7 +24,8 @@ passes the bound, and records the step and why; when the PM's held-out or multip
 
 Written under `<run>/rl/`: `metrics.jsonl` (one record per step: `rl/reward` (shaped, as trained on),
 `rl/reward_std`, `rl/score` / `rl/score_std` (the raw PM score), `rl/kl`, `rl/length` (tokens),
-`rl/truncated`, `rl/entropy` (nats per token), `rl/lr`, `rl/loss`, `rl/step_seconds`);
+`rl/truncated`, `rl/entropy` (nats per token), `rl/lr`, `rl/loss`, `rl/step_seconds`; with `report_to`,
+TRL's log also goes to TensorBoard, `logs/`, and/or W&B: training.py);
 `model/` (plain transformers directory, LoRA merged, README.md card; appears by an atomic rename);
 `train.json` (the training summary; a rerun after a crash in the evaluation does not retrain);
 `eval.json` + `eval_samples.jsonl`: on `eval_prompts` test-split prompts per set, the RL-CAI and the
@@ -64,7 +65,7 @@ from ..feedback import CHANCE_MARGIN, winner
 from ..rl_math import apply_length_penalty, bootstrap_mean_ci, kl_estimate, normalize_rewards, wilson_interval
 from ..run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now, read_jsonl
 from . import load_prompt_sets, resolve_model
-from ..training import keep_matching_checkpoints, last_checkpoint, load_causal_lm, lora_config, save_model, trainer_args, training_dtype
+from ..training import keep_matching_checkpoints, last_checkpoint, load_causal_lm, lora_config, report_targets, save_model, tracking, trainer_args, training_dtype
 
 STAGE = "rl"
 ScoreFn = Callable[[Sequence, Sequence[str]], Sequence[float]]  # (conversations, responses) -> scores
@@ -97,6 +98,7 @@ class Config:
     dtype: str = opt("auto", "auto (bf16 autocast where the hardware has it, else float32), bfloat16 or float32")
     save_steps: int = opt(10, "steps between checkpoints (a rerun resumes from the newest)")
     eval_prompts: int = opt(8, "held-out (test split) prompts per prompt set for RL-CAI vs SL-CAI (0 = skip the evaluation)")
+    report_to: str = opt("none", "experiment tracking: none, tensorboard (<run>/rl/logs), wandb or tensorboard,wandb")
     seed: int = opt(0, "random seed (helpful-prompt draw, data order, sampling, LoRA init)")
 
 
@@ -119,6 +121,7 @@ def _check(cfg: Config) -> None:
         raise UserError("rl.max_kl needs rl.beta > 0: TRL measures the KL only when it keeps a reference model")
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         raise UserError(f"rl.dtype {cfg.dtype!r}: use auto, bfloat16 or float32")
+    report_targets(cfg.report_to, "rl.report_to")
 
 
 def training_prompts(cfg: Config, run_dir: RunDir) -> tuple[list[dict], dict]:
@@ -271,7 +274,7 @@ def build_trainer(cfg: Config, rows: list[dict], policy: str, reward: PolicyRewa
     peft_config = lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None
     config_cls, trainer_cls = (RLOOConfig, RLOOTrainer) if cfg.algorithm == "rloo" else (GRPOConfig, GRPOTrainer)
     args = config_cls(
-        **trainer_args(checkpoint_dir, training_dtype(cfg.dtype), cfg.save_steps, cfg.seed),
+        **trainer_args(checkpoint_dir, training_dtype(cfg.dtype), cfg.save_steps, cfg.seed, cfg.report_to),
         max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.batch_size * cfg.num_generations,  # completions, not prompts
@@ -460,7 +463,7 @@ def train(cfg: Config, run_dir: RunDir, rows: list[dict], counts: dict, policy: 
             atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     guard = KLGuard(cfg.max_kl)  # every rank sees the same (gathered) logs, so all stop together
     # the main process appends the metrics file; the other ranks keep their copy in memory
-    with RecordShard(out / "metrics.jsonl") if distributed.is_main() else _MemoryShard() as shard:
+    with RecordShard(out / "metrics.jsonl") if distributed.is_main() else _MemoryShard() as shard, tracking(cfg.report_to, out, "rl.report_to"):
         trainer = build_trainer(cfg, rows, policy, reward, checkpoint_dir, callbacks=[MetricsRecorder(shard), guard])
         if resume and distributed.is_main():
             print(f"[rl] resuming from {resume}", file=sys.stderr)

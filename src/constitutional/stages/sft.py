@@ -19,6 +19,7 @@ and `source`: revision / helpful) before training, for provenance.
 Training is `trl.SFTTrainer` (optionally LoRA through `peft`, merged into the weights afterwards),
 with float32 master weights and bf16 autocast where the hardware has bf16 (`dtype=auto`).
 Checkpoints go to `<run>/sft/checkpoints/` every `save_steps`; a rerun resumes from the newest one.
+`report_to` logs the training curve to TensorBoard (`<run>/sft/logs/`) and/or W&B (training.py).
 The result, `<run>/sft/model/`, is a plain model directory (safetensors, tokenizer, chat template,
 README.md model card) that appears by an atomic rename, so a crash never leaves a half model that a
 later stage would trust. `loss.json` holds the logged loss per step (for the report).
@@ -51,7 +52,8 @@ from ..config import opt, to_dict
 from ..errors import UserError
 from ..run import RunDir, atomic_write_json, atomic_write_text, now
 from ..run import read_records as run_read_records
-from ..training import keep_matching_checkpoints, last_checkpoint, load_causal_lm, lora_config, save_model, trainer_args, training_dtype  # noqa: F401 (training_dtype: used by tests)
+from ..training import keep_matching_checkpoints, last_checkpoint, load_causal_lm, lora_config, report_targets, save_model, tracking, trainer_args
+from ..training import training_dtype  # noqa: F401 (also used by tests)
 
 
 @dataclass
@@ -73,6 +75,7 @@ class Config:
     lora_alpha: int = opt(32, "LoRA scale numerator (scale = alpha / r)")
     dtype: str = opt("auto", "auto (bf16 autocast where the hardware has it, else float32), bfloat16 or float32")
     save_steps: int = opt(50, "steps between checkpoints (a rerun resumes from the newest)")
+    report_to: str = opt("none", "experiment tracking: none, tensorboard (<run>/sft/logs), wandb or tensorboard,wandb")
     seed: int = opt(0, "random seed (helpful-sample draw, data order, LoRA init)")
 
 
@@ -183,6 +186,7 @@ def _check(cfg: Config) -> None:
     if cfg.helpful_ratio < 0:
         raise UserError(f"sft.helpful_ratio {cfg.helpful_ratio}: must be >= 0")
     training_dtype(cfg.dtype)
+    report_targets(cfg.report_to, "sft.report_to")
 
 
 def build_trainer(cfg: Config, rows: list[dict], checkpoint_dir: Path):
@@ -196,7 +200,7 @@ def build_trainer(cfg: Config, rows: list[dict], checkpoint_dir: Path):
     model, tokenizer = load_causal_lm(cfg.model, "sft.model")
     peft_config = lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None
     args = SFTConfig(
-        **trainer_args(checkpoint_dir, dtype, cfg.save_steps, cfg.seed),
+        **trainer_args(checkpoint_dir, dtype, cfg.save_steps, cfg.seed, cfg.report_to),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         learning_rate=cfg.learning_rate,
@@ -275,14 +279,15 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
             keep_matching_checkpoints(out, stamp, fingerprint, "sft", "data")
             atomic_write_text(out / "dataset.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
-    trainer = build_trainer(cfg, rows, checkpoint_dir)
-    resume = last_checkpoint(checkpoint_dir)
-    resumed_from = int(resume.name.split("-", 1)[1]) if resume else 0
-    if resume and distributed.is_main():
-        print(f"[sft] resuming from {resume}", file=sys.stderr)
-    t0 = time.time()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    seconds = time.time() - t0
+    with tracking(cfg.report_to, out, "sft.report_to"):
+        trainer = build_trainer(cfg, rows, checkpoint_dir)
+        resume = last_checkpoint(checkpoint_dir)
+        resumed_from = int(resume.name.split("-", 1)[1]) if resume else 0
+        if resume and distributed.is_main():
+            print(f"[sft] resuming from {resume}", file=sys.stderr)
+        t0 = time.time()
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        seconds = time.time() - t0
 
     curve = loss_curve(trainer.state.log_history)
     if distributed.is_main():
