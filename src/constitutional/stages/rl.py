@@ -64,7 +64,8 @@ from ..feedback import CHANCE_MARGIN, winner
 from ..rl_math import apply_length_penalty, bootstrap_mean_ci, kl_estimate, normalize_rewards, wilson_interval
 from ..run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now, read_jsonl
 from . import load_prompt_sets, resolve_model
-from ..training import keep_matching_checkpoints, last_checkpoint, load_causal_lm, lora_config, save_model, trainer_args, training_dtype
+from ..training import (checkpointing_setting, decide_checkpointing, keep_matching_checkpoints, last_checkpoint, load_causal_lm,
+                        lora_config, save_model, speed, trainer_args, training_dtype)
 
 STAGE = "rl"
 ScoreFn = Callable[[Sequence, Sequence[str]], Sequence[float]]  # (conversations, responses) -> scores
@@ -95,6 +96,8 @@ class Config:
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA scale numerator (scale = alpha / r)")
     dtype: str = opt("auto", "auto (bf16 autocast where the hardware has it, else float32), bfloat16 or float32")
+    rollouts: str = opt("backend", "who samples the completions: backend (the hf backend's batched decoder) or trl (TRL's HF generate)")
+    gradient_checkpointing: str = opt("auto", "recompute activations in the backward pass (less memory, slower): auto (only when a batch would not fit in memory), on or off")
     save_steps: int = opt(10, "steps between checkpoints (a rerun resumes from the newest)")
     eval_prompts: int = opt(8, "held-out (test split) prompts per prompt set for RL-CAI vs SL-CAI (0 = skip the evaluation)")
     seed: int = opt(0, "random seed (helpful-prompt draw, data order, sampling, LoRA init)")
@@ -119,6 +122,9 @@ def _check(cfg: Config) -> None:
         raise UserError("rl.max_kl needs rl.beta > 0: TRL measures the KL only when it keeps a reference model")
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         raise UserError(f"rl.dtype {cfg.dtype!r}: use auto, bfloat16 or float32")
+    if cfg.rollouts not in ("backend", "trl"):
+        raise UserError(f"rl.rollouts {cfg.rollouts!r}: use backend or trl")
+    checkpointing_setting(cfg.gradient_checkpointing, "rl.gradient_checkpointing")
 
 
 def training_prompts(cfg: Config, run_dir: RunDir) -> tuple[list[dict], dict]:
@@ -261,14 +267,21 @@ class KLGuard:
 
 
 def build_trainer(cfg: Config, rows: list[dict], policy: str, reward: PolicyReward, checkpoint_dir: Path, callbacks=()):
-    """A `trl.RLOOTrainer` (or `GRPOTrainer`) on `rows`, float32 weights (bf16 autocast per `dtype`)."""
+    """A `trl.RLOOTrainer` (or `GRPOTrainer`) on `rows`, float32 weights (bf16 autocast per `dtype`);
+    `rollouts=backend` samples through the hf backend (rollouts.py). Gradient checkpointing follows
+    `decide_checkpointing` for a step's B·G sequences of the longest prompt plus max_new_tokens;
+    `trainer.speed_facts` holds the decisions for the summary."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    from ..rollouts import GRPOBackendRollouts, RLOOBackendRollouts, check_sampling
 
     _check(cfg)
     model, tokenizer = load_causal_lm(policy, "rl.policy")
     peft_config = lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None
     config_cls, trainer_cls = (RLOOConfig, RLOOTrainer) if cfg.algorithm == "rloo" else (GRPOConfig, GRPOTrainer)
+    if cfg.rollouts == "backend":
+        trainer_cls = type(trainer_cls.__name__, (RLOOBackendRollouts if cfg.algorithm == "rloo" else GRPOBackendRollouts, trainer_cls), {})
     args = config_cls(
         **trainer_args(checkpoint_dir, training_dtype(cfg.dtype), cfg.save_steps, cfg.seed),
         max_steps=cfg.max_steps,
@@ -279,10 +292,20 @@ def build_trainer(cfg: Config, rows: list[dict], policy: str, reward: PolicyRewa
         temperature=cfg.temperature,
         beta=cfg.beta,
         disable_dropout=True,  # policy and reference must score the same tokens identically
-        activation_checkpointing=False,  # TRL turns it on by default; for small models it only costs time
+        activation_checkpointing=False,  # TRL's default is on; decided by memory below
     )
-    return trainer_cls(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
-                       processing_class=tokenizer, peft_config=peft_config, callbacks=[_on_log_callback(c) for c in callbacks])
+    if cfg.rollouts == "backend":
+        check_sampling(args)
+    trainer = trainer_cls(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer, peft_config=peft_config, callbacks=[_on_log_callback(c) for c in callbacks])
+    longest = max(len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]) for r in rows)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    on, facts = decide_checkpointing(cfg.gradient_checkpointing, trainer.model, cfg.batch_size * cfg.num_generations * (longest + cfg.max_new_tokens),
+                                     args.bf16, trainable, "rl.gradient_checkpointing")
+    trainer.args.activation_checkpointing = on
+    trainer.args.activation_checkpointing_kwargs = {"use_reentrant": False} if on else None
+    trainer.speed_facts = {**facts, "rollouts": cfg.rollouts}
+    return trainer
 
 
 def _on_log_callback(handler):
@@ -458,6 +481,7 @@ def train(cfg: Config, run_dir: RunDir, rows: list[dict], counts: dict, policy: 
         seconds = time.time() - t0
         records = list(shard.records)
     steps = trainer.state.global_step
+    tokens = trainer.state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen  # prompt + completion, all processes
     scores = [r["rl/score"] for r in records if r.get("rl/score") is not None]
     tail = max(1, len(records) // 10)
     warnings = [w for w in [chance_warning(pm_metrics, scores)] if w]
@@ -471,7 +495,7 @@ def train(cfg: Config, run_dir: RunDir, rows: list[dict], counts: dict, policy: 
         "length_last": _mean([r["rl/length"] for r in records[-tail:]]),
         "pm_heldout_accuracy": ((pm_metrics or {}).get("heldout") or {}).get("accuracy"),
         "pm_mc_accuracy": ((pm_metrics or {}).get("mc") or {}).get("accuracy"),
-        "warnings": warnings, "seconds": round(seconds, 1), "seconds_per_step": round(seconds / max(1, steps - resumed_from), 3),
+        "warnings": warnings, "seconds": round(seconds, 1), **speed(seconds, steps - resumed_from, tokens), **trainer.speed_facts,
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "lora": cfg.lora, "dtype": training_dtype(cfg.dtype), "model": str(out / "model"),
     }
