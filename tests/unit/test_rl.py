@@ -308,6 +308,24 @@ def test_lora_policy_is_merged_saved_and_evaluated_against_sl_cai(tiny_model_dir
     assert again["steps"] == 2 and again["eval"]["prompts"] == 4
 
 
+def test_evaluation_on_the_models_in_memory_equals_one_on_the_saved_ones(tiny_model_dir, tmp_path):
+    """Full fine-tuning: the evaluation right after training uses the trained policy and the
+    reference as they are in memory; a rerun (evaluation only) loads both from disk: same results."""
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.manifest["config"] = {"label": {"fewshot": 1, "batch_size": 4}}
+    cfg = _cfg(tiny_model_dir, max_steps=2, eval_prompts=2, feedback_model=str(tiny_model_dir))
+    rl.run(cfg, run_dir, reward_fn=vowel_share)
+    out = run_dir.path / "rl"
+    in_memory = read_jsonl(out / "eval_samples.jsonl")
+    (out / "eval.json").unlink()
+    rl.run(cfg, run_dir, reward_fn=vowel_share)
+    from_disk = read_jsonl(out / "eval_samples.jsonl")
+    assert [s["rl_cai"] for s in in_memory] == [s["rl_cai"] for s in from_disk] and len({s["rl_cai"] for s in in_memory}) > 1
+    assert [s["sl_cai"] for s in in_memory] == [s["sl_cai"] for s in from_disk]
+    assert [s["kl"] for s in in_memory] == pytest.approx([s["kl"] for s in from_disk], abs=1e-5)
+    assert [s["p_rl"] for s in in_memory] == pytest.approx([s["p_rl"] for s in from_disk], abs=1e-5)
+
+
 def test_default_reward_is_the_preference_model(tiny_model_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -44,6 +44,7 @@ sized for a 135M model on a CPU. Several processes: as `cai sft` (the held-out e
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import random
@@ -365,17 +366,23 @@ def _compare(rows: list[dict]) -> dict:
     }
 
 
-def evaluate(cfg: Config, run_dir: RunDir, sets: list, sl_policy: str, rl_model: Path, score: ScoreFn) -> tuple[dict, list[dict]]:
-    """RL-CAI vs SL-CAI on the held-out prompts `sets`: (eval results, per-prompt samples)."""
+def evaluate(cfg: Config, run_dir: RunDir, sets: list, sl_policy: str, rl_model: Path, score: ScoreFn,
+             loaded: dict | None = None) -> tuple[dict, list[dict]]:
+    """RL-CAI vs SL-CAI on the held-out prompts `sets`: (eval results, per-prompt samples). `loaded`:
+    the float32 models already in memory (`train`'s), used instead of loading them again."""
     from ..backends import GenerationParams, load_backend
+    from ..backends.hf import HFBackend
     from ..constitution import load_constitution, load_fewshot
     from .label import Comparison, Labeler, combine, draw_principles
 
     params = GenerationParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
     convs = [p.messages for _, p in sets]
-    answers, logprobs, rl_ids = {}, {}, []
+    answers, logprobs, rl_ids, loaded = {}, {}, [], loaded or {}
     for who, model in (("rl", str(rl_model)), ("sl", sl_policy)):  # same params and seeds: common random numbers
-        backend = load_backend(model, dtype="float32", batch_size=8)
+        if loaded.get(who) is not None:
+            backend = HFBackend.from_model(loaded[who], loaded["tokenizer"], name=model, batch_size=8)
+        else:
+            backend = load_backend(model, dtype="float32", batch_size=8)
         ids = backend.generate_ids(convs, params)
         answers[who] = [backend.tokenizer.decode(i, skip_special_tokens=True).strip() for i in ids]
         rl_ids = rl_ids or ids
@@ -460,8 +467,12 @@ def _model_stamp(model: str | Path) -> object:
     return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir()) if f.is_file()]
 
 
-def train(cfg: Config, run_dir: RunDir, rows: list[dict], counts: dict, policy: str, reward: PolicyReward, pm_metrics: dict | None, reward_name: str) -> dict:
-    """Train (resuming from the newest checkpoint), save `<run>/rl/model`, return the training summary."""
+def train(cfg: Config, run_dir: RunDir, rows: list[dict], counts: dict, policy: str, reward: PolicyReward, pm_metrics: dict | None,
+          reward_name: str) -> tuple[dict, dict]:
+    """Train (resuming from the newest checkpoint), save `<run>/rl/model`; return the training summary
+    and, in a single process with all weights trained, the models the evaluation needs, as they are
+    in memory: {"rl": the trained policy, "sl": the frozen reference (the SL-CAI policy; None with
+    beta 0), "tokenizer"}, unwrapped from accelerate's mixed-precision forward (empty otherwise)."""
     out = run_dir.stage_dir(STAGE)
     checkpoint_dir = out / "checkpoints"
     resume = last_checkpoint(checkpoint_dir)
@@ -500,7 +511,11 @@ def train(cfg: Config, run_dir: RunDir, rows: list[dict], counts: dict, policy: 
         "lora": cfg.lora, "dtype": training_dtype(cfg.dtype), "model": str(out / "model"),
     }
     save_model(trainer, out / "model", model_card(cfg, summary, None))  # every rank takes part
-    return summary
+    if distributed.world_size() > 1 or cfg.lora:  # sharded weights; a merged adapter has no reference left
+        return summary, {}
+    unwrap = trainer.accelerator.unwrap_model
+    ref = unwrap(trainer.ref_model, keep_fp32_wrapper=False) if trainer.ref_model is not None else None
+    return summary, {"rl": unwrap(trainer.model, keep_fp32_wrapper=False), "sl": ref, "tokenizer": trainer.processing_class}
 
 
 class _MemoryShard:
@@ -549,18 +564,20 @@ def run(cfg: Config, run_dir: RunDir, reward_fn: ScoreFn | None = None) -> dict:
         if main:
             keep_matching_checkpoints(out, stamp, fingerprint, "rl", "inputs")
     done = json.loads((out / "train.json").read_text()) if (out / "train.json").is_file() else {}
+    loaded: dict = {}
     if done.get("fingerprint") == fingerprint and (out / "model" / "config.json").is_file():
         summary = done["summary"]  # trained before the evaluation failed: evaluate only
     else:
         reward = PolicyReward(reward_fn, cfg.normalize_reward, cfg.length_penalty)
-        summary = train(cfg, run_dir, rows, counts, policy, reward, pm_metrics, reward_name)
+        summary, loaded = train(cfg, run_dir, rows, counts, policy, reward, pm_metrics, reward_name)
+        gc.collect()  # the trainer (optimizer state, gradients) is in reference cycles
         if distributed.is_main():
             atomic_write_json(out / "train.json", {"fingerprint": fingerprint, "summary": summary})
     if not distributed.is_main():
         return {}  # the held-out evaluation (generation, labeling) runs in the main process
 
     if held_out:
-        evaluation, samples = evaluate(cfg, run_dir, held_out, policy, out / "model", reward_fn)
+        evaluation, samples = evaluate(cfg, run_dir, held_out, policy, out / "model", reward_fn, loaded)
         atomic_write_text(out / "eval_samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
         atomic_write_json(out / "eval.json", evaluation)
         atomic_write_text(out / "model" / "README.md", model_card(cfg, summary, evaluation))
