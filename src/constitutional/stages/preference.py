@@ -264,14 +264,36 @@ def _training_args(cfg: Config, output_dir: Path):
     )
 
 
-def run(cfg: Config, run_dir: RunDir) -> dict:
+def build_trainer(cfg: Config, base: str, tokenizer, rows: list[dict], ckpt_dir: Path):
+    """The `SoftLabelRewardTrainer` on preference `rows`, checkpointing into `ckpt_dir`; comparisons
+    longer than max_length are dropped (TRL). Gradient checkpointing follows `decide_checkpointing`
+    for a batch of the widest comparisons; `trainer.speed_facts` holds the decision for the summary."""
     from datasets import Dataset
+
+    from ..preference_model import SoftLabelRewardTrainer
+
+    trainer = SoftLabelRewardTrainer(
+        model=base, args=_training_args(cfg, ckpt_dir), train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
+    if len(trainer.train_dataset) == 0:
+        raise UserError(f"all {len(rows)} training comparisons are longer than max_length={cfg.max_length} tokens; raise train-pm.max_length")
+    # a comparison's batch row width (chosen and rejected are padded together), for the length-grouped sampler
+    trainer.train_dataset = trainer.train_dataset.map(lambda e: {"length": max(len(e["chosen_ids"]), len(e["rejected_ids"]))})
+    widest = max(trainer.train_dataset["length"])
+    on, trainer.speed_facts = decide_checkpointing(cfg.gradient_checkpointing, trainer.model, 2 * cfg.batch_size * widest, trainer.args.bf16,
+                                                   sum(p.numel() for p in trainer.model.parameters()), "train-pm.gradient_checkpointing")
+    trainer.args.activation_checkpointing = on
+    trainer.args.activation_checkpointing_kwargs = {"use_reentrant": False} if on else None
+    return trainer
+
+
+def run(cfg: Config, run_dir: RunDir) -> dict:
     from transformers import AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint
 
     from ..backends.base import model_path
     from ..backends.hf import resolve_dtype
-    from ..preference_model import PreferenceModel, SoftLabelRewardTrainer, preference_row
+    from ..preference_model import PreferenceModel, preference_row
 
     checkpointing_setting(cfg.gradient_checkpointing, "train-pm.gradient_checkpointing")
     train, heldout, helpful, mc_items = _inputs(cfg, run_dir)
@@ -287,19 +309,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)  # a save cut short by a crash
     rows = [preference_row(tokenizer, c.messages, c.chosen, c.rejected, c.p_chosen) for c in train + helpful]
-    trainer = SoftLabelRewardTrainer(
-        model=base, args=_training_args(cfg, ckpt_dir), train_dataset=Dataset.from_list(rows), processing_class=tokenizer
-    )
-    n_trained = len(trainer.train_dataset)  # TRL drops comparisons longer than max_length
-    if n_trained == 0:
-        raise UserError(f"all {len(rows)} training comparisons are longer than max_length={cfg.max_length} tokens; raise train-pm.max_length")
-    # a comparison's batch row width (chosen and rejected are padded together), for the length-grouped sampler
-    trainer.train_dataset = trainer.train_dataset.map(lambda e: {"length": max(len(e["chosen_ids"]), len(e["rejected_ids"]))})
-    widest = max(trainer.train_dataset["length"])
-    on, speed_facts = decide_checkpointing(cfg.gradient_checkpointing, trainer.model, 2 * cfg.batch_size * widest,
-                                           trainer.args.bf16, sum(p.numel() for p in trainer.model.parameters()), "train-pm.gradient_checkpointing")
-    trainer.args.activation_checkpointing = on
-    trainer.args.activation_checkpointing_kwargs = {"use_reentrant": False} if on else None
+    trainer = build_trainer(cfg, base, tokenizer, rows, ckpt_dir)
+    n_trained, speed_facts = len(trainer.train_dataset), trainer.speed_facts  # TRL drops comparisons longer than max_length
     last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     start_step = int(last.rsplit("-", 1)[1]) if last else 0
     # The baseline for the trained PM's metrics: the same model with its fresh (random) head.
