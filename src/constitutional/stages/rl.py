@@ -513,9 +513,19 @@ def train(cfg: Config, run_dir: RunDir, rows: list[dict], counts: dict, policy: 
     save_model(trainer, out / "model", model_card(cfg, summary, None))  # every rank takes part
     if distributed.world_size() > 1 or cfg.lora:  # sharded weights; a merged adapter has no reference left
         return summary, {}
-    unwrap = trainer.accelerator.unwrap_model
-    ref = unwrap(trainer.ref_model, keep_fp32_wrapper=False) if trainer.ref_model is not None else None
-    return summary, {"rl": unwrap(trainer.model, keep_fp32_wrapper=False), "sl": ref, "tokenizer": trainer.processing_class}
+    ref = _plain_forward(trainer.ref_model) if trainer.ref_model is not None else None
+    return summary, {"rl": _plain_forward(trainer.model), "sl": ref, "tokenizer": trainer.processing_class}
+
+
+def _plain_forward(model):
+    """`model` without accelerate's mixed-precision wrapper around its forward (bf16 autocast), so
+    it computes as the float32 model loaded from disk would. accelerate's own unwrap
+    (keep_fp32_wrapper=False) follows `__wrapped__` past transformers' kwarg-renaming decorators
+    (TRL's fused-head forward is `functools.wraps`-ed), which loses `past_key_values`."""
+    original = model.__dict__.pop("_original_forward", None)
+    if original is not None:
+        model.forward = original
+    return model
 
 
 class _MemoryShard:
