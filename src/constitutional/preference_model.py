@@ -147,7 +147,8 @@ class SoftLabelRewardTrainer(RewardTrainer):
 
     TRL 1.16 drops every column but chosen_ids/rejected_ids/margin before collation and its collator
     ignores unknown keys, so this keeps `p_chosen` as a signature column, swaps in `SoftLabelCollator`,
-    and replaces the loss in `compute_loss`. TRL's metrics (accuracy, margin, rewards) are kept.
+    and replaces the loss in `compute_loss`. TRL's metrics (accuracy, margin, rewards) are kept. A
+    `length` column, when the dataset has one, is kept for transformers' length-grouped sampler.
     """
 
     def __init__(self, *args, **kwargs):
@@ -160,7 +161,7 @@ class SoftLabelRewardTrainer(RewardTrainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["chosen_ids", "rejected_ids", "p_chosen"]
+            self._signature_columns = ["chosen_ids", "rejected_ids", "p_chosen", "length"]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         p_chosen = inputs.pop("p_chosen")

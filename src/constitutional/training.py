@@ -241,3 +241,99 @@ def save_model(trainer, target: Path, card: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     distributed.barrier()
+
+
+# ------------------------------------------------------------------ memory and speed
+
+
+def activation_bytes(config, tokens: int, bf16: bool, params: int, checkpointing: bool = False) -> int:
+    """Bytes autograd keeps for the backward pass of one forward (and loss) over `tokens` tokens of
+    a Llama-style decoder. config: hidden_size h, intermediate_size I, num_hidden_layers L,
+    num_key_value_heads x head_dim = kv, vocab_size V.
+
+    Counted per token, from the tensors transformers' Llama modules save for backward (measured with
+    `torch.autograd.graph.saved_tensors_hooks` on random Llamas of several widths, 256 tokens, and
+    fitted; tests/unit/test_training.py checks it against that measurement):
+    - float32: L·4·(8h + 4I + 2kv) + 4V + 14h bytes: per layer the norms' inputs and outputs, q, k,
+      v before and after the rotary embedding, the attention output, the MLP's gate, up and product;
+      4V is the log-softmax of the logits in float32;
+    - bf16 autocast: L·(30h + 8I + 4kv) + 6V + 13h bytes (the norms and the residual stream stay
+      float32), plus the bf16 copies of the weights autocast keeps for backward, 2 bytes for each
+      of the model's `params` parameters;
+    - `checkpointing` (one checkpoint per layer): the layers keep only their input, 4h bytes each,
+      and one layer's activations exist at a time while it is recomputed.
+    On SmolLM2-135M's shape, 512 tokens: 789 MB float32 (measured 753), 891 MB bf16 (measured 800).
+    TRL's fused LM head tiles the logits, so for TRL trainers the V term over-counts: the estimate
+    errs towards more memory.
+    """
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    h, inter, layers, vocab = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    heads = c.num_attention_heads
+    kv = (getattr(c, "num_key_value_heads", None) or heads) * (getattr(c, "head_dim", None) or h // heads)
+    if bf16:
+        layer, rest = 30 * h + 8 * inter + 4 * kv, 6 * vocab + 13 * h
+    else:
+        layer, rest = 4 * (8 * h + 4 * inter + 2 * kv), 4 * vocab + 14 * h
+    per_token = (layers * 4 * h + layer if checkpointing else layers * layer) + rest
+    weight_copies = 2 * params if bf16 else 0
+    return tokens * per_token + weight_copies
+
+
+def free_memory(device) -> int:
+    """Bytes that can still be allocated on `device`: the GPU's free memory, or the machine's
+    available memory (less under a cgroup v2 memory limit)."""
+    import psutil
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    free = psutil.virtual_memory().available
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            free = min(free, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return int(free)
+
+
+def checkpointing_setting(value: str, setting: str) -> str:
+    """auto / on / off (true and false read as on and off), else a `UserError`."""
+    v = str(value).strip().lower()
+    v = {"true": "on", "yes": "on", "1": "on", "false": "off", "no": "off", "0": "off"}.get(v, v)
+    if v not in ("auto", "on", "off"):
+        raise UserError(f"{setting} {value!r}: use auto (on only when the activations would not fit), on or off")
+    return v
+
+
+def decide_checkpointing(setting: str, model, tokens: int, bf16: bool, trainable: int, name: str, extra: int = 0) -> tuple[bool, dict]:
+    """Gradient checkpointing on or off for a training step over `tokens` tokens (the largest batch).
+
+    `auto` turns it on only when the step would not fit without it: the activations
+    (`activation_bytes`), plus what training has not allocated yet when this is called (gradients
+    and AdamW's two moments of the `trainable` parameters, 12 bytes each, and `extra` bytes, e.g. a
+    reference model still to load), exceed 80% of the device's free memory. TRL's trainers turn it
+    on by default; on a small model it only costs time (a second forward per layer in the backward).
+    `name` is the config field (e.g. "sft.gradient_checkpointing") for the message.
+    Returns (on, facts for the stage summary).
+    """
+    import sys
+
+    choice = checkpointing_setting(setting, name)
+    device = next(model.parameters()).device
+    activations = activation_bytes(model.config, tokens, bf16, sum(p.numel() for p in model.parameters()))
+    need = activations + 12 * trainable + extra
+    free = free_memory(device)
+    on = choice == "on" or (choice == "auto" and need > 0.8 * free)
+    facts = {"gradient_checkpointing": on, "activation_mb_estimate": round(activations / 2**20),
+             "memory_free_mb": round(free / 2**20)}
+    if choice == "auto":
+        print(f"[{name.split('.')[0]}] gradient checkpointing {'on' if on else 'off'}: a step needs ~{need / 2**20:.0f} MB "
+              f"({tokens} tokens), {free / 2**20:.0f} MB free", file=sys.stderr)
+    return on, facts
+
+
+def speed(seconds: float, steps: int, tokens: int) -> dict:
+    """The training summary's speed: seconds per optimizer step and trained tokens per second (the
+    real, non-padding tokens of the batches, summed over processes), over this run's steps only."""
+    return {"seconds_per_step": round(seconds / max(1, steps), 3), "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None}

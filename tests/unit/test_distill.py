@@ -349,6 +349,23 @@ def test_epoch_order_is_a_function_of_seed_and_epoch():
     assert distill.epoch_order(10, 0, 1) != distill.epoch_order(10, 0, 2)
 
 
+def test_length_grouped_batches_cover_the_epoch_with_less_padding():
+    import random
+
+    lengths = [random.Random(i).randint(20, 200) for i in range(100)]
+    grouped = distill.epoch_batches(lengths, 4, 0, 1, group=True)
+    plain = distill.epoch_batches(lengths, 4, 0, 1, group=False)
+    assert grouped == distill.epoch_batches(lengths, 4, 0, 1, group=True)  # a function of (seed, epoch): resume replays it
+    assert sorted(i for b in grouped for i in b) == list(range(100)) and all(len(b) == 4 for b in grouped)
+    assert plain == [distill.epoch_order(100, 0, 1)[i : i + 4] for i in range(0, 100, 4)]
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert padding(grouped) < padding(plain) / 3
+    assert [max(lengths[i] for i in b) for b in grouped] != sorted((max(lengths[i] for i in b) for b in grouped), reverse=True)  # not longest-first
+
+
 def test_generation_params_come_from_the_config(files, tiny_model_dir, scripted):
     seen = []
 

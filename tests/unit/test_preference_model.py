@@ -238,6 +238,11 @@ def test_stage_writes_model_loss_metrics_and_summary(trained):
     assert held["count"] == n_test and 0 <= held["accuracy"] <= 1 and held["ece"] >= 0
     assert sum(b["count"] for b in held["bins"]) == n_test
     assert metrics["mc"]["count"] == 72 and set(metrics["mc"]["accuracy_by_subset"]) == {"harmless", "helpful", "honest"}
+    # measured on the trained model in memory: the same numbers as the saved model gives
+    _, heldout, _, _ = preference._inputs(cfg, run_dir)
+    again = preference._heldout_metrics(PreferenceModel.from_pretrained(model_dir, dtype="float32"), heldout)
+    assert again["accuracy"] == held["accuracy"] and again["loss"] == pytest.approx(held["loss"], abs=1e-5)
+    assert summary["tokens_per_second"] > 0 and summary["gradient_checkpointing"] is False
 
 
 def test_saved_model_scores_batched_like_one_by_one_and_tokenizes_like_the_trainer(trained, tmp_path):

@@ -150,6 +150,58 @@ def test_rloo_advantages_equal_trls(tiny_model_dir, tmp_path):
     assert torch.allclose(theirs, rloo_advantages(rewards, 4), atol=1e-6)
 
 
+def test_backend_rollouts_carry_the_logprobs_trl_expects(tiny_model_dir, tmp_path):
+    """The step's completions are the hf backend's samples (n = G per prompt, the step's seed, the
+    end-of-turn token appended when a sample ended), and the per-token log-probs TRL computes from
+    them, the policy's (old) and the reference's, equal a brute-force forward of the same ids."""
+    from constitutional.backends import GenerationParams
+    from constitutional.backends.hf import HFBackend
+    from constitutional.rollouts import SEED_STRIDE
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # the tiny model with its end-of-turn token made likely, so that some samples end and some are cut
+    model, tok = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32), AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    with torch.no_grad():
+        h = model.model(input_ids=tok("How do I bake bread? Mix flour and water", return_tensors="pt")["input_ids"]).last_hidden_state[0].mean(0)
+        model.model.embed_tokens.weight[tok.eos_token_id] += 4.0 * h / h.norm() ** 2
+    model.save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+
+    G, T, new = 4, 0.9, 16
+    cfg = _cfg(tmp_path / "policy", max_steps=1, beta=0.05, num_generations=G, temperature=T, max_new_tokens=new, seed=3)
+    rows = [{"prompt": [{"role": "user", "content": f"How do I bake bread {i}?"}], "id": str(i), "source": "redteam"} for i in range(2)]
+    trainer = rl.build_trainer(cfg, rows, str(tmp_path / "policy"), rl.PolicyReward(vowel_share, True, 0.0), tmp_path / "ckpt")
+    trainer.state.global_step = 5  # the seed follows the step
+    trainer.model.train()  # as in training
+    out = trainer._generate_and_score_completions([rows[0]] * G + [rows[1]] * G)  # TRL's layout: each prompt G times
+    model, ref, tok = trainer.model, trainer.ref_model, trainer.processing_class
+    assert model.training  # the backend's eval() is undone
+
+    backend = HFBackend.from_model(model, tok)
+    expected = backend.generate_ids([r["prompt"] for r in rows], GenerationParams(max_new_tokens=new, temperature=T, n=G, seed=3 + 5 * SEED_STRIDE))
+    (eos,) = backend.eos_ids
+    completions = [ids[m.bool()].tolist() for ids, m in zip(out["completion_ids"], out["completion_mask"])]
+    assert completions == [e + [eos] if len(e) < new else e for e in expected]
+    assert 0 < sum(c[-1] == eos for c in completions) < len(completions)  # some ended, some were cut
+    assert len({tuple(c) for c in completions[:G]}) > 1  # a prompt's G samples differ
+
+    per_token = {}
+    with torch.no_grad():
+        for name, m in (("policy", model), ("ref", ref)):
+            ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+            mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+            per_token[name] = trainer._get_per_token_logps_and_entropies(m, ids, mask, out["completion_ids"].size(1))[0]
+            for i, comp in enumerate(completions):
+                prompt = out["prompt_ids"][i][out["prompt_mask"][i].bool()].tolist()
+                x = torch.tensor([prompt + comp])
+                logits = m(input_ids=x).logits[0, len(prompt) - 1 : -1].float() / T
+                brute = torch.log_softmax(logits, -1).gather(-1, x[0, len(prompt):, None]).squeeze(-1)
+                assert torch.allclose(per_token[name][i, : len(comp)], brute, atol=1e-5), (name, i)
+                if name == "policy":  # the rollout's old log-prob, as TRL stores it for the loss
+                    assert out["old_logps"][i].item() == pytest.approx(brute.sum().item(), abs=1e-4)
+
+
 # ---------------------------------------------------------------- the stage
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_rloo_raises_the_reward(tiny_model_dir, tmp_path, seed):
@@ -254,6 +306,29 @@ def test_lora_policy_is_merged_saved_and_evaluated_against_sl_cai(tiny_model_dir
     again = rl.run(cfg, run_dir, reward_fn=vowel_share)
     assert (out / "model" / "model.safetensors").stat().st_mtime_ns == weights and (out / "eval.json").is_file()
     assert again["steps"] == 2 and again["eval"]["prompts"] == 4
+
+
+def test_evaluation_on_the_models_in_memory_equals_one_on_the_saved_ones(tiny_model_dir, tmp_path):
+    """Full fine-tuning: the evaluation right after training uses the trained policy and the
+    reference as they are in memory, without the bf16 autocast training wrapped around them; a
+    rerun (evaluation only) loads both from disk in float32: same results."""
+    from constitutional.training import training_dtype
+
+    if training_dtype("auto") != "bfloat16":
+        pytest.skip("needs a CPU with bf16: accelerate wraps the forward only under mixed precision")
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.manifest["config"] = {"label": {"fewshot": 1, "batch_size": 4}}
+    cfg = _cfg(tiny_model_dir, max_steps=2, eval_prompts=2, feedback_model=str(tiny_model_dir), dtype="bfloat16")
+    rl.run(cfg, run_dir, reward_fn=vowel_share)
+    out = run_dir.path / "rl"
+    in_memory = read_jsonl(out / "eval_samples.jsonl")
+    (out / "eval.json").unlink()
+    rl.run(cfg, run_dir, reward_fn=vowel_share)
+    from_disk = read_jsonl(out / "eval_samples.jsonl")
+    assert [s["rl_cai"] for s in in_memory] == [s["rl_cai"] for s in from_disk] and len({s["rl_cai"] for s in in_memory}) > 1
+    assert [s["sl_cai"] for s in in_memory] == [s["sl_cai"] for s in from_disk]
+    assert [s["kl"] for s in in_memory] == pytest.approx([s["kl"] for s in from_disk], abs=1e-5)
+    assert [s["p_rl"] for s in in_memory] == pytest.approx([s["p_rl"] for s in from_disk], abs=1e-5)
 
 
 def test_default_reward_is_the_preference_model(tiny_model_dir, tmp_path):

@@ -84,7 +84,7 @@ def test_completion_only_loss(tmp_path, tiny_model_dir):
     cross-entropy over the completion tokens of a plain forward pass."""
     run = RunDir(tmp_path / "run")
     write_revise(run)
-    cfg = config(tiny_model_dir, batch_size=4)
+    cfg = config(tiny_model_dir, batch_size=4, padding_free=False)
     rows, _ = sft.build_dataset(cfg, run)
     trainer = sft.build_trainer(cfg, rows, tmp_path / "ckpt")
     tok = trainer.processing_class
@@ -115,6 +115,42 @@ def test_completion_only_loss(tmp_path, tiny_model_dir):
     with torch.no_grad():  # and it is not the loss over every token
         everything = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), torch.where(mask.bool(), ids, -100)[:, 1:].reshape(-1), ignore_index=-100)
     assert abs(everything.item() - by_hand.item()) > 1e-3
+
+
+def test_padding_free_batches_train_like_padded_ones(tmp_path, tiny_model_dir):
+    """A padding-free batch (one row, position ids restarting at each example) gives the padded
+    batch's loss and gradients, under sdpa and eager attention; with positions that do not restart
+    the examples would attend to each other and the loss would differ."""
+    import dataclasses
+
+    run = RunDir(tmp_path / "run")
+    write_revise(run)
+    cfg = config(tiny_model_dir, batch_size=4)
+    rows, _ = sft.build_dataset(cfg, run)
+    trainer = sft.build_trainer(cfg, rows, tmp_path / "ckpt")
+    assert trainer.speed_facts["padding_free"] and trainer.speed_facts["gradient_checkpointing"] is False
+    examples = [trainer.train_dataset[i] for i in (0, 1, 4, 5)]  # two revisions, two helpful answers
+    free = trainer.data_collator(examples)
+    padded = dataclasses.replace(trainer.data_collator, padding_free=False)(examples)
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert "attention_mask" not in free and free["input_ids"].shape == (1, sum(lengths))
+    assert padded["input_ids"].shape == (4, max(lengths)) and len(set(lengths)) > 1  # the padded batch has padding
+    model = trainer.model
+
+    def loss_and_grad(batch):
+        model.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    for impl in ("sdpa", "eager"):
+        model.set_attn_implementation(impl)
+        (l_pad, g_pad), (l_free, g_free) = loss_and_grad(padded), loss_and_grad(free)
+        assert l_free == pytest.approx(l_pad, abs=1e-5), impl
+        assert torch.allclose(g_free, g_pad, atol=1e-5), impl
+        leaky = {k: v for k, v in free.items() if not k.startswith(("cu_seq", "max_length", "seq_idx"))}
+        leaky["position_ids"] = torch.arange(sum(lengths))[None]
+        assert abs(loss_and_grad(leaky)[0] - l_pad) > 1e-4, impl
 
 
 def test_end_to_end(tmp_path, tiny_model_dir):

@@ -80,7 +80,7 @@ from ..data.loaders import load_mc
 from ..errors import UserError
 from ..run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now
 from . import load_prompt_sets
-from ..training import LoopLogger, lora_config, report_targets, save_model, tracking, training_dtype
+from ..training import LoopLogger, checkpointing_setting, decide_checkpointing, lora_config, report_targets, save_model, speed, tracking, training_dtype
 
 
 @dataclass
@@ -104,6 +104,8 @@ class Config:
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA scale numerator (scale = alpha / r)")
     dtype: str = opt("auto", "auto (bf16 where the hardware has it, else float32), bfloat16 or float32")
+    gradient_checkpointing: str = opt("auto", "recompute the student's activations in the backward pass (less memory, slower): auto (only when a batch would not fit in memory), on or off")
+    group_by_length: bool = opt(True, "batch teacher samples of similar length together (less padding; batches still in random order)")
     save_steps: int = opt(50, "steps between checkpoints (a rerun resumes from the newest)")
     mc: str = opt("builtin:mc", "multiple-choice set for the plain / prompted / distilled accuracies ('' = skip)")
     mc_limit: int = opt(0, "multiple-choice items to score (0 = all)")
@@ -379,6 +381,29 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
+GROUP = 16  # batches per length-sorted group
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group: bool) -> list[list[int]]:
+    """The batches (example indices) of one epoch, a function of (seed, epoch) only (resume replays it).
+
+    Without `group`: `epoch_order` cut into batches. With it: that order is cut into groups of
+    GROUP batches, each group sorted by length (longest first) and cut into batches, and the batches
+    are shuffled: a batch's examples have similar lengths, so it carries little padding, while the
+    batches still come in random order (transformers' LengthGroupedSampler does the same).
+    """
+    order = epoch_order(len(lengths), seed, epoch)
+    if not group:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    span = GROUP * batch_size
+    batches = []
+    for g in range(0, len(order), span):
+        ranked = sorted(order[g : g + span], key=lambda i: -lengths[i])
+        batches += [ranked[i : i + batch_size] for i in range(0, len(ranked), batch_size)]
+    random.Random(f"{seed}:{epoch}:batches").shuffle(batches)
+    return batches
+
+
 def train_step(student, optimizer, teacher: Teacher, batch, pad_id: int, bf16: bool, lr: float, targets: dict | None) -> float:
     """One optimizer step on `batch`; returns the loss."""
     import torch
@@ -394,7 +419,8 @@ def train_step(student, optimizer, teacher: Teacher, batch, pad_id: int, bf16: b
 
 
 def train(cfg: Config, student, teacher: Teacher, examples: list[Example], pad_id: int, bf16: bool, ckpt_dir: Path, fingerprint: str) -> dict:
-    """The training loop with checkpoints and resume. Returns {steps, resumed_from_step, curve, seconds}."""
+    """The training loop with checkpoints and resume. Returns {steps, resumed_from_step, curve,
+    seconds, tokens: the student tokens trained on in this run}."""
     import torch
 
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
@@ -406,14 +432,15 @@ def train(cfg: Config, student, teacher: Teacher, examples: list[Example], pad_i
         print(f"[distill] resuming from step {start}", file=sys.stderr)
     targets = precompute_topk(teacher, examples, cfg.top_k, cfg.batch_size) if cfg.top_k and start < total else None
     student.train()
-    t0 = time.time()
+    t0, tokens = time.time(), 0
+    lengths = [len(e.student_ids) for e in examples]
     bar = tqdm(range(start, total), desc="distill: training", unit="step", file=sys.stderr, initial=start, total=total)
     with tracking(cfg.report_to, ckpt_dir.parent, "distill.report_to") as trackers:
         logger = LoopLogger(trackers, ckpt_dir.parent, student)  # the trainers' TensorBoard / W&B callbacks
         for step in bar:
             epoch, k = divmod(step, per_epoch)
-            order = epoch_order(len(examples), cfg.seed, epoch)
-            batch = [examples[i] for i in order[k * cfg.batch_size : (k + 1) * cfg.batch_size]]
+            batch = [examples[i] for i in epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)[k]]
+            tokens += sum(len(e.student_ids) for e in batch)
             lr = cfg.learning_rate * (1 - step / total)
             torch.manual_seed(cfg.seed + step)  # dropout, if the model has any, replays on resume
             loss = train_step(student, optimizer, teacher, batch, pad_id, bf16, lr, targets)
@@ -423,7 +450,7 @@ def train(cfg: Config, student, teacher: Teacher, examples: list[Example], pad_i
             if (step + 1) % cfg.save_steps == 0 or step + 1 == total:
                 save_checkpoint(ckpt_dir, step + 1, student, optimizer, {"curve": curve, "fingerprint": fingerprint})
         logger.close()
-    return {"steps": total, "resumed_from_step": start, "curve": curve, "seconds": time.time() - t0}
+    return {"steps": total, "resumed_from_step": start, "curve": curve, "seconds": time.time() - t0, "tokens": tokens}
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -443,6 +470,7 @@ def _check(cfg: Config) -> None:
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         raise UserError(f"distill.dtype {cfg.dtype!r}: use auto, bfloat16 or float32")
     report_targets(cfg.report_to, "distill.report_to")
+    checkpointing_setting(cfg.gradient_checkpointing, "distill.gradient_checkpointing")
     if cfg.model.strip().startswith(("prompted:", "openai:")):
         raise UserError(f"distill.model {cfg.model!r}: give the plain model (embedded, a local model directory or a hub id); "
                         "the teacher is it with distill.context, and the student is trained from its weights")
@@ -556,6 +584,11 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     bf16 = dtype == "bfloat16"
     teacher = Teacher(backend.model, examples, backend.pad_id)
     student = load_student(cfg, backend.path, backend.device)
+    widest = sum(sorted(len(e.student_ids) for e in train_ex)[-cfg.batch_size:])
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    checkpointing, speed_facts = decide_checkpointing(cfg.gradient_checkpointing, student, widest, bf16, trainable, "distill.gradient_checkpointing")
+    if checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fingerprint = _fingerprint(examples, cfg)
     before_path = out / "eval_before.json"
     before = json.loads(before_path.read_text(encoding="utf-8")) if before_path.is_file() else None
@@ -589,15 +622,20 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
         "first_loss": round(losses[0], 5) if losses else None,
         "final_loss": round(losses[-1], 5) if losses else None,
         "seconds_train": round(trained["seconds"], 1),
-        "seconds_per_step": round(trained["seconds"] / max(1, done_now), 2),
+        **speed(trained["seconds"], done_now, trained["tokens"]),
+        **speed_facts,
         "top_k": cfg.top_k,
         "lora": cfg.lora,
         "dtype": dtype,
         "model": str(out / "model"),
     }
-    save_model(SimpleNamespace(model=student, processing_class=backend.tokenizer), out / "model", model_card(cfg, summary))
+    if checkpointing:
+        student.gradient_checkpointing_disable()
+    distilled_model = student.merge_and_unload() if cfg.lora else student
+    save_model(SimpleNamespace(model=distilled_model, processing_class=backend.tokenizer), out / "model", model_card(cfg, summary))
     if items:  # the paper's three bars: no intervention, prompted, context distilled
-        distilled = HFBackend(str(out / "model"), name="distilled", dtype=cfg.dtype, batch_size=cfg.batch_size)
+        # the saved model, still in memory, in the backend's dtype (as loading out/model with it would give)
+        distilled = HFBackend.from_model(distilled_model.to(backend.dtype), backend.tokenizer, name="distilled", batch_size=cfg.batch_size)
         mc = {name: mc_accuracy(b, items, cfg.batch_size, name)
               for name, b in (("plain", backend), ("prompted", teacher_backend), ("distilled", distilled))}
         summary["mc"] = cfg.mc

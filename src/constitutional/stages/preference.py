@@ -30,6 +30,7 @@ data-parallel training; the main process measures the PM and writes the files (d
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import shutil
@@ -42,7 +43,7 @@ from ..data.loaders import file_stem, implicit_prompt, parse_transcript, read_ro
 from ..errors import UserError
 from .. import distributed
 from ..run import RunDir, atomic_write_json, atomic_write_text
-from ..training import report_targets, tracking
+from ..training import checkpointing_setting, decide_checkpointing, report_targets, speed, tracking
 from . import resolve_model
 
 STAGE = "train-pm"
@@ -60,6 +61,8 @@ class Config:
     grad_accum: int = opt(1, "gradient accumulation steps")
     max_length: int = opt(512, "skip comparisons whose chosen or rejected sequence is longer than this many tokens")
     dtype: str = opt("auto", "auto (bf16 mixed precision where the hardware has it), bfloat16, float16 or float32")
+    gradient_checkpointing: str = opt("auto", "recompute activations in the backward pass (less memory, slower): auto (only when a batch would not fit in memory), on or off")
+    group_by_length: bool = opt(True, "batch comparisons of similar length together (less padding; batches still in random order)")
     save_steps: int = opt(50, "checkpoint every this many steps for resume (0 = no checkpoints)")
     heldout: float = opt(0.2, "share of comparisons held out for evaluation (by a hash of the id), besides those on test-split prompts")
     mc: str = opt("builtin:mc", "comparison set for PM accuracy (items with question/correct_response/incorrect_response); empty = skip")
@@ -255,7 +258,9 @@ def _training_args(cfg: Config, output_dir: Path):
         model_init_kwargs={"dtype": torch.float32, "use_safetensors": True},
         bf16=precision == torch.bfloat16,
         fp16=precision == torch.float16,
-        activation_checkpointing=False,  # TRL turns it on by default; for small models it only costs time
+        activation_checkpointing=False,  # TRL's default is on; decided by memory in `run`
+        # transformers' LengthGroupedSampler: random megabatches of 50 batches, sorted by length within
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         save_strategy="steps" if cfg.save_steps > 0 else "no",
         save_steps=max(cfg.save_steps, 1),
         save_total_limit=1,
@@ -268,14 +273,38 @@ def _training_args(cfg: Config, output_dir: Path):
     )
 
 
-def run(cfg: Config, run_dir: RunDir) -> dict:
+def build_trainer(cfg: Config, base: str, tokenizer, rows: list[dict], ckpt_dir: Path):
+    """The `SoftLabelRewardTrainer` on preference `rows`, checkpointing into `ckpt_dir`; comparisons
+    longer than max_length are dropped (TRL). Gradient checkpointing follows `decide_checkpointing`
+    for a batch of the widest comparisons; `trainer.speed_facts` holds the decision for the summary."""
     from datasets import Dataset
+
+    from ..preference_model import SoftLabelRewardTrainer
+
+    trainer = SoftLabelRewardTrainer(
+        model=base, args=_training_args(cfg, ckpt_dir), train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
+    if len(trainer.train_dataset) == 0:
+        raise UserError(f"all {len(rows)} training comparisons are longer than max_length={cfg.max_length} tokens; raise train-pm.max_length")
+    # a comparison's batch row width (chosen and rejected are padded together), for the length-grouped sampler
+    trainer.train_dataset = trainer.train_dataset.map(lambda e: {"length": max(len(e["chosen_ids"]), len(e["rejected_ids"]))})
+    widest = max(trainer.train_dataset["length"])
+    on, trainer.speed_facts = decide_checkpointing(cfg.gradient_checkpointing, trainer.model, 2 * cfg.batch_size * widest, trainer.args.bf16,
+                                                   sum(p.numel() for p in trainer.model.parameters()), "train-pm.gradient_checkpointing")
+    trainer.args.activation_checkpointing = on
+    trainer.args.activation_checkpointing_kwargs = {"use_reentrant": False} if on else None
+    return trainer
+
+
+def run(cfg: Config, run_dir: RunDir) -> dict:
     from transformers import AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint
 
     from ..backends.base import model_path
-    from ..preference_model import PreferenceModel, SoftLabelRewardTrainer, preference_row
+    from ..backends.hf import resolve_dtype
+    from ..preference_model import PreferenceModel, preference_row
 
+    checkpointing_setting(cfg.gradient_checkpointing, "train-pm.gradient_checkpointing")
     train, heldout, helpful, mc_items = _inputs(cfg, run_dir)
     base = model_path(resolve_model(cfg.model, run_dir))
     try:
@@ -290,12 +319,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
             shutil.rmtree(tmp, ignore_errors=True)  # a save cut short by a crash
     rows = [preference_row(tokenizer, c.messages, c.chosen, c.rejected, c.p_chosen) for c in train + helpful]
     with tracking(cfg.report_to, out, "train-pm.report_to"):
-        trainer = SoftLabelRewardTrainer(
-            model=base, args=_training_args(cfg, ckpt_dir), train_dataset=Dataset.from_list(rows), processing_class=tokenizer
-        )
-        n_trained = len(trainer.train_dataset)  # TRL drops comparisons longer than max_length
-        if n_trained == 0:
-            raise UserError(f"all {len(rows)} training comparisons are longer than max_length={cfg.max_length} tokens; raise train-pm.max_length")
+        trainer = build_trainer(cfg, base, tokenizer, rows, ckpt_dir)
+        n_trained, speed_facts = len(trainer.train_dataset), trainer.speed_facts  # TRL drops comparisons longer than max_length
         last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
         start_step = int(last.rsplit("-", 1)[1]) if last else 0
         # The baseline for the trained PM's metrics: the same model with its fresh (random) head.
@@ -311,13 +336,21 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
         trainer.train(resume_from_checkpoint=last)
         seconds = time.time() - t0
     steps, log_history = trainer.state.global_step, trainer.state.log_history
+    speed_facts.update(speed(seconds, steps - start_step, trainer._total_train_tokens))  # TRL's count of real tokens, all processes
     trainer.save_model(str(tmp))  # every process takes part (FSDP/DeepSpeed gather the weights); the main one writes
     if not distributed.is_main():
         return {}  # the main process measures, writes and reports
-    del trainer
     (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the model directory holds safetensors and JSON only
 
-    pm = PreferenceModel.from_pretrained(tmp, dtype=cfg.dtype, batch_size=cfg.batch_size)
+    # One process holds the whole trained model: measure it in memory, in the scoring dtype (as
+    # from_pretrained(tmp, dtype) would load it); sharded weights are loaded back from disk.
+    model = trainer.model if distributed.world_size() == 1 else None
+    del trainer  # its optimizer state
+    gc.collect()
+    if model is not None:
+        pm = PreferenceModel(model.to(resolve_dtype(cfg.dtype, next(model.parameters()).device)), tokenizer, batch_size=cfg.batch_size, name=str(tmp))
+    else:
+        pm = PreferenceModel.from_pretrained(tmp, dtype=cfg.dtype, batch_size=cfg.batch_size)
     counts = {"train": len(train), "helpful": len(helpful), "heldout": len(heldout), "skipped": len(rows) - n_trained}
     metrics = {"comparisons": counts, "heldout": _heldout_metrics(pm, heldout)}
     if mc_items:
@@ -341,7 +374,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
         "steps": steps,
         "final_loss": round(losses[-1], 4) if losses else None,
         "seconds": round(seconds, 2),
-        "seconds_per_step": round(seconds / max(1, steps - start_step), 3),
+        **speed_facts,
         "heldout_accuracy": round(held["accuracy"], 4) if held["count"] else None,
         "heldout_ece": round(held["ece"], 4) if held["count"] else None,
         "mc_accuracy": round(mc["accuracy"], 4) if mc else None,

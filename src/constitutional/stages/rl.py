@@ -45,6 +45,7 @@ sized for a 135M model on a CPU. Several processes: as `cai sft` (the held-out e
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import random
@@ -65,7 +66,8 @@ from ..feedback import CHANCE_MARGIN, winner
 from ..rl_math import apply_length_penalty, bootstrap_mean_ci, kl_estimate, normalize_rewards, wilson_interval
 from ..run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now, read_jsonl
 from . import load_prompt_sets, resolve_model
-from ..training import keep_matching_checkpoints, last_checkpoint, load_causal_lm, lora_config, report_targets, save_model, tracking, trainer_args, training_dtype
+from ..training import (checkpointing_setting, decide_checkpointing, keep_matching_checkpoints, last_checkpoint, load_causal_lm,
+                        lora_config, report_targets, save_model, speed, tracking, trainer_args, training_dtype)
 
 STAGE = "rl"
 ScoreFn = Callable[[Sequence, Sequence[str]], Sequence[float]]  # (conversations, responses) -> scores
@@ -96,6 +98,8 @@ class Config:
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA scale numerator (scale = alpha / r)")
     dtype: str = opt("auto", "auto (bf16 autocast where the hardware has it, else float32), bfloat16 or float32")
+    rollouts: str = opt("backend", "who samples the completions: backend (the hf backend's batched decoder) or trl (TRL's HF generate)")
+    gradient_checkpointing: str = opt("auto", "recompute activations in the backward pass (less memory, slower): auto (only when a batch would not fit in memory), on or off")
     save_steps: int = opt(10, "steps between checkpoints (a rerun resumes from the newest)")
     eval_prompts: int = opt(8, "held-out (test split) prompts per prompt set for RL-CAI vs SL-CAI (0 = skip the evaluation)")
     report_to: str = opt("none", "experiment tracking: none, tensorboard (<run>/rl/logs), wandb or tensorboard,wandb")
@@ -122,6 +126,9 @@ def _check(cfg: Config) -> None:
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         raise UserError(f"rl.dtype {cfg.dtype!r}: use auto, bfloat16 or float32")
     report_targets(cfg.report_to, "rl.report_to")
+    if cfg.rollouts not in ("backend", "trl"):
+        raise UserError(f"rl.rollouts {cfg.rollouts!r}: use backend or trl")
+    checkpointing_setting(cfg.gradient_checkpointing, "rl.gradient_checkpointing")
 
 
 def training_prompts(cfg: Config, run_dir: RunDir) -> tuple[list[dict], dict]:
@@ -265,14 +272,21 @@ class KLGuard:
 
 
 def build_trainer(cfg: Config, rows: list[dict], policy: str, reward: PolicyReward, checkpoint_dir: Path, callbacks=()):
-    """A `trl.RLOOTrainer` (or `GRPOTrainer`) on `rows`, float32 weights (bf16 autocast per `dtype`)."""
+    """A `trl.RLOOTrainer` (or `GRPOTrainer`) on `rows`, float32 weights (bf16 autocast per `dtype`);
+    `rollouts=backend` samples through the hf backend (rollouts.py). Gradient checkpointing follows
+    `decide_checkpointing` for a step's B·G sequences of the longest prompt plus max_new_tokens;
+    `trainer.speed_facts` holds the decisions for the summary."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    from ..rollouts import GRPOBackendRollouts, RLOOBackendRollouts, check_sampling
 
     _check(cfg)
     model, tokenizer = load_causal_lm(policy, "rl.policy")
     peft_config = lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None
     config_cls, trainer_cls = (RLOOConfig, RLOOTrainer) if cfg.algorithm == "rloo" else (GRPOConfig, GRPOTrainer)
+    if cfg.rollouts == "backend":
+        trainer_cls = type(trainer_cls.__name__, (RLOOBackendRollouts if cfg.algorithm == "rloo" else GRPOBackendRollouts, trainer_cls), {})
     args = config_cls(
         **trainer_args(checkpoint_dir, training_dtype(cfg.dtype), cfg.save_steps, cfg.seed, cfg.report_to),
         max_steps=cfg.max_steps,
@@ -283,10 +297,20 @@ def build_trainer(cfg: Config, rows: list[dict], policy: str, reward: PolicyRewa
         temperature=cfg.temperature,
         beta=cfg.beta,
         disable_dropout=True,  # policy and reference must score the same tokens identically
-        activation_checkpointing=False,  # TRL turns it on by default; for small models it only costs time
+        activation_checkpointing=False,  # TRL's default is on; decided by memory below
     )
-    return trainer_cls(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
-                       processing_class=tokenizer, peft_config=peft_config, callbacks=[_on_log_callback(c) for c in callbacks])
+    if cfg.rollouts == "backend":
+        check_sampling(args)
+    trainer = trainer_cls(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer, peft_config=peft_config, callbacks=[_on_log_callback(c) for c in callbacks])
+    longest = max(len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]) for r in rows)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    on, facts = decide_checkpointing(cfg.gradient_checkpointing, trainer.model, cfg.batch_size * cfg.num_generations * (longest + cfg.max_new_tokens),
+                                     args.bf16, trainable, "rl.gradient_checkpointing")
+    trainer.args.activation_checkpointing = on
+    trainer.args.activation_checkpointing_kwargs = {"use_reentrant": False} if on else None
+    trainer.speed_facts = {**facts, "rollouts": cfg.rollouts}
+    return trainer
 
 
 def _on_log_callback(handler):
@@ -349,23 +373,28 @@ def _compare(rows: list[dict], name: str = "rl_cai") -> dict:
 
 
 def evaluate(cfg: Config, run_dir: RunDir, sets: list, sl_policy: str, rl_model: Path, score: ScoreFn | None,
-             name: str = "rl_cai") -> tuple[dict, list[dict]]:
+             name: str = "rl_cai", loaded: dict | None = None) -> tuple[dict, list[dict]]:
     """The trained policy at `rl_model` (RL-CAI; DPO for `cai dpo`) vs SL-CAI on the held-out prompts
     `sets`: (eval results, per-prompt samples).
 
     `cfg` gives the sampling (max_new_tokens, temperature, seed), the judge (feedback_model) and the
     KL estimator (algorithm). `name` names the trained policy in the keys (`cai dpo` passes "dpo");
-    without a preference model (`score` None) the PM scores are None."""
+    without a preference model (`score` None) the PM scores are None. `loaded`: the float32 models
+    already in memory (`train`'s), used instead of loading them again."""
     from ..backends import GenerationParams, load_backend
+    from ..backends.hf import HFBackend
     from ..constitution import load_constitution, load_fewshot
     from .label import Comparison, Labeler, combine, draw_principles
 
     params = GenerationParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
     convs = [p.messages for _, p in sets]
-    answers, logprobs, rl_ids = {}, {}, []
+    answers, logprobs, rl_ids, loaded = {}, {}, [], loaded or {}
     trained, title = name.removesuffix("_cai"), name.replace("_", "-").upper()  # "rl", "RL-CAI"; "dpo", "DPO"
     for who, model in (("rl", str(rl_model)), ("sl", sl_policy)):  # same params and seeds: common random numbers
-        backend = load_backend(model, dtype="float32", batch_size=8)
+        if loaded.get(who) is not None:
+            backend = HFBackend.from_model(loaded[who], loaded["tokenizer"], name=model, batch_size=8)
+        else:
+            backend = load_backend(model, dtype="float32", batch_size=8)
         ids = backend.generate_ids(convs, params)
         answers[who] = [backend.tokenizer.decode(i, skip_special_tokens=True).strip() for i in ids]
         rl_ids = rl_ids or ids
@@ -451,8 +480,12 @@ def _model_stamp(model: str | Path) -> object:
     return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir()) if f.is_file()]
 
 
-def train(cfg: Config, run_dir: RunDir, rows: list[dict], counts: dict, policy: str, reward: PolicyReward, pm_metrics: dict | None, reward_name: str) -> dict:
-    """Train (resuming from the newest checkpoint), save `<run>/rl/model`, return the training summary."""
+def train(cfg: Config, run_dir: RunDir, rows: list[dict], counts: dict, policy: str, reward: PolicyReward, pm_metrics: dict | None,
+          reward_name: str) -> tuple[dict, dict]:
+    """Train (resuming from the newest checkpoint), save `<run>/rl/model`; return the training summary
+    and, in a single process with all weights trained, the models the evaluation needs, as they are
+    in memory: {"rl": the trained policy, "sl": the frozen reference (the SL-CAI policy; None with
+    beta 0), "tokenizer"}, unwrapped from accelerate's mixed-precision forward (empty otherwise)."""
     out = run_dir.stage_dir(STAGE)
     checkpoint_dir = out / "checkpoints"
     resume = last_checkpoint(checkpoint_dir)
@@ -472,6 +505,7 @@ def train(cfg: Config, run_dir: RunDir, rows: list[dict], counts: dict, policy: 
         seconds = time.time() - t0
         records = list(shard.records)
     steps = trainer.state.global_step
+    tokens = trainer.state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen  # prompt + completion, all processes
     scores = [r["rl/score"] for r in records if r.get("rl/score") is not None]
     tail = max(1, len(records) // 10)
     warnings = [w for w in [chance_warning(pm_metrics, scores)] if w]
@@ -485,12 +519,26 @@ def train(cfg: Config, run_dir: RunDir, rows: list[dict], counts: dict, policy: 
         "length_last": _mean([r["rl/length"] for r in records[-tail:]]),
         "pm_heldout_accuracy": ((pm_metrics or {}).get("heldout") or {}).get("accuracy"),
         "pm_mc_accuracy": ((pm_metrics or {}).get("mc") or {}).get("accuracy"),
-        "warnings": warnings, "seconds": round(seconds, 1), "seconds_per_step": round(seconds / max(1, steps - resumed_from), 3),
+        "warnings": warnings, "seconds": round(seconds, 1), **speed(seconds, steps - resumed_from, tokens), **trainer.speed_facts,
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "lora": cfg.lora, "dtype": training_dtype(cfg.dtype), "model": str(out / "model"),
     }
     save_model(trainer, out / "model", model_card(cfg, summary, None))  # every rank takes part
-    return summary
+    if distributed.world_size() > 1 or cfg.lora:  # sharded weights; a merged adapter has no reference left
+        return summary, {}
+    ref = _plain_forward(trainer.ref_model) if trainer.ref_model is not None else None
+    return summary, {"rl": _plain_forward(trainer.model), "sl": ref, "tokenizer": trainer.processing_class}
+
+
+def _plain_forward(model):
+    """`model` without accelerate's mixed-precision wrapper around its forward (bf16 autocast), so
+    it computes as the float32 model loaded from disk would. accelerate's own unwrap
+    (keep_fp32_wrapper=False) follows `__wrapped__` past transformers' kwarg-renaming decorators
+    (TRL's fused-head forward is `functools.wraps`-ed), which loses `past_key_values`."""
+    original = model.__dict__.pop("_original_forward", None)
+    if original is not None:
+        model.forward = original
+    return model
 
 
 class _MemoryShard:
@@ -539,18 +587,20 @@ def run(cfg: Config, run_dir: RunDir, reward_fn: ScoreFn | None = None) -> dict:
         if main:
             keep_matching_checkpoints(out, stamp, fingerprint, "rl", "inputs")
     done = json.loads((out / "train.json").read_text()) if (out / "train.json").is_file() else {}
+    loaded: dict = {}
     if done.get("fingerprint") == fingerprint and (out / "model" / "config.json").is_file():
         summary = done["summary"]  # trained before the evaluation failed: evaluate only
     else:
         reward = PolicyReward(reward_fn, cfg.normalize_reward, cfg.length_penalty)
-        summary = train(cfg, run_dir, rows, counts, policy, reward, pm_metrics, reward_name)
+        summary, loaded = train(cfg, run_dir, rows, counts, policy, reward, pm_metrics, reward_name)
+        gc.collect()  # the trainer (optimizer state, gradients) is in reference cycles
         if distributed.is_main():
             atomic_write_json(out / "train.json", {"fingerprint": fingerprint, "summary": summary})
     if not distributed.is_main():
         return {}  # the held-out evaluation (generation, labeling) runs in the main process
 
     if held_out:
-        evaluation, samples = evaluate(cfg, run_dir, held_out, policy, out / "model", reward_fn)
+        evaluation, samples = evaluate(cfg, run_dir, held_out, policy, out / "model", reward_fn, loaded=loaded)
         atomic_write_text(out / "eval_samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
         atomic_write_json(out / "eval.json", evaluation)
         atomic_write_text(out / "model" / "README.md", model_card(cfg, summary, evaluation))

@@ -52,8 +52,8 @@ from ..config import opt, to_dict
 from ..errors import UserError
 from ..run import RunDir, atomic_write_json, atomic_write_text, now
 from ..run import read_records as run_read_records
-from ..training import keep_matching_checkpoints, last_checkpoint, load_causal_lm, lora_config, report_targets, save_model, tracking, trainer_args
-from ..training import training_dtype  # noqa: F401 (also used by tests)
+from ..training import (checkpointing_setting, decide_checkpointing, keep_matching_checkpoints, last_checkpoint, load_causal_lm,
+                        lora_config, report_targets, save_model, speed, tracking, trainer_args, training_dtype)
 
 
 @dataclass
@@ -69,7 +69,8 @@ class Config:
     batch_size: int = opt(4, "examples per device per forward pass")
     grad_accum: int = opt(1, "forward passes per optimizer step")
     max_length: int = opt(512, "tokens per example (prompt + completion); longer ones are cut at the end")
-    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, slower")
+    gradient_checkpointing: str = opt("auto", "recompute activations in the backward pass (less memory, slower): auto (only when a batch would not fit in memory), on or off")
+    padding_free: bool = opt(True, "batch without padding: a batch's examples are concatenated into one row, each attending only to itself")
     lora: bool = opt(False, "train a LoRA adapter (merged into the weights at the end) instead of all weights")
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA scale numerator (scale = alpha / r)")
@@ -187,11 +188,21 @@ def _check(cfg: Config) -> None:
         raise UserError(f"sft.helpful_ratio {cfg.helpful_ratio}: must be >= 0")
     training_dtype(cfg.dtype)
     report_targets(cfg.report_to, "sft.report_to")
+    checkpointing_setting(cfg.gradient_checkpointing, "sft.gradient_checkpointing")
 
 
 def build_trainer(cfg: Config, rows: list[dict], checkpoint_dir: Path):
     """A `trl.SFTTrainer` on the prompt/completion `rows` (completion-only loss), checkpointing into
-    `checkpoint_dir`. Weights are float32; `dtype` bfloat16 trains under bf16 autocast."""
+    `checkpoint_dir`. Weights are float32; `dtype` bfloat16 trains under bf16 autocast.
+
+    `padding_free`: TRL's padding-free collator (one row per batch, position ids restarting at each
+    example) in place of the padded one; the dataset (tokenisation, truncation at max_length, the
+    examples TRL drops) is the padded trainer's. transformers' sdpa and eager attention read the
+    restarting position ids as a block-diagonal causal mask, so the loss and gradients equal the
+    padded batch's (tests/unit/test_sft.py). Gradient checkpointing follows `decide_checkpointing`
+    for the largest batch. `trainer.speed_facts` holds the decisions for the summary."""
+    import dataclasses
+
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -208,13 +219,23 @@ def build_trainer(cfg: Config, rows: list[dict], checkpoint_dir: Path):
         gradient_accumulation_steps=cfg.grad_accum,
         max_length=cfg.max_length,
         completion_only_loss=True,
-        # transformers 5's name for gradient_checkpointing (passing the old one, TRL's default, warns)
-        activation_checkpointing=cfg.gradient_checkpointing,
+        # transformers 5's name for gradient_checkpointing, TRL's default on; decided below
+        activation_checkpointing=False,
     )
     data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config)
     if len(trainer.train_dataset) == 0:  # TRL drops examples whose prompt alone fills max_length
         raise UserError(f"sft.max_length {cfg.max_length}: every prompt fills it, nothing left to train on; raise sft.max_length")
+    padding_free = cfg.padding_free and model.config._attn_implementation in ("sdpa", "eager")
+    if padding_free:
+        trainer.data_collator = dataclasses.replace(trainer.data_collator, padding_free=True)
+    lengths = sorted(len(ids) for ids in trainer.train_dataset["input_ids"])
+    tokens = sum(lengths[-cfg.batch_size:]) if padding_free else cfg.batch_size * lengths[-1]
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    on, facts = decide_checkpointing(cfg.gradient_checkpointing, trainer.model, tokens, dtype == "bfloat16", trainable, "sft.gradient_checkpointing")
+    trainer.args.activation_checkpointing = on
+    trainer.args.activation_checkpointing_kwargs = {"use_reentrant": False} if on else None
+    trainer.speed_facts = {**facts, "padding_free": padding_free}
     return trainer
 
 
@@ -258,7 +279,7 @@ responses to red-team prompts{" mixed with helpful samples" if summary['helpful_
 ## Results
 - steps: {summary['steps']} (resumed from step {summary['resumed_from_step']})
 - final loss: {summary['final_loss']}, mean loss over the last 10% of steps: {summary['mean_loss_last_10pct']}
-- training time: {summary['seconds']} s ({summary['seconds_per_step']} s/step), dtype {summary['dtype']}
+- training time: {summary['seconds']} s ({summary['seconds_per_step']} s/step, {summary['tokens_per_second']} tokens/s), dtype {summary['dtype']}
 - date: {now()}
 """
 
@@ -307,7 +328,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
         "final_loss": round(losses[-1], 4) if losses else None,
         "mean_loss_last_10pct": round(sum(tail) / len(tail), 4) if tail else None,
         "seconds": round(seconds, 1),
-        "seconds_per_step": round(seconds / max(1, steps - resumed_from), 2),
+        **speed(seconds, steps - resumed_from, getattr(trainer, "_total_train_tokens", 0)),  # TRL's count, all processes
+        **trainer.speed_facts,
         "model": str(out / "model"),
         "base_model": trainer.processing_class.name_or_path,
         "lora": cfg.lora,
