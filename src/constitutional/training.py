@@ -149,6 +149,8 @@ class LoopLogger:
             cb.on_train_begin(self.args, self.state, self.control, model=model)
 
     def log(self, step: int, logs: dict) -> None:
+        if not self.callbacks:
+            return
         self.state.global_step = step
         for cb in self.callbacks:
             cb.on_log(self.args, self.state, self.control, logs=dict(logs))
