@@ -202,7 +202,7 @@ def test_read_data_orients_joins_and_holds_out(tmp_path):
     by_id = {c.id: (s, c) for s, c in train + held}
     assert by_id["preferences/a"][1].chosen == "y" and by_id["preferences/a"][1].p_chosen == pytest.approx(0.7)  # flipped to p >= 0.5
     assert [c.id for _, c in held] == ["preferences/c"]  # test split held out; helpful comparisons are always trained on
-    assert {c.id for _, c in train} == {"preferences/a", "preferences/b", "revisions/rt-0", "helpful/helpful-00001"}
+    assert {c.id for _, c in train} == {"preferences/a", "preferences/b", "revisions/rt-0", "helpful/helpful-00000"}  # default ids count rows from 0
     assert counts["train"] == {"preferences": 2, "revisions": 1, "helpful": 1} and counts["heldout"] == {"preferences": 1}
     assert counts["revision_records"]["unusable"] == 1 and counts["ties_dropped"] == 0
     train, _, counts = dpo.read_data(dpo.Config(data="preferences", loss="sigmoid", heldout=0.0), run_dir)
