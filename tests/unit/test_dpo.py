@@ -379,3 +379,12 @@ def test_mismatched_reference_names_the_difference(tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match=r"its tokenizer does not match the policy's \(\d+ vs \d+ tokens; e.g. '<\|extra\|>'"):
         dpo.check_tokenizers(str(tiny_model_dir), str(other))
     dpo.check_tokenizers(str(tiny_model_dir), str(tiny_model_dir))  # the same tokenizer passes
+
+
+def test_checkpointing_and_tracking_settings_are_checked():
+    from constitutional.errors import UserError as E
+
+    with pytest.raises(E, match="dpo.gradient_checkpointing"):
+        dpo._check(dpo.Config(gradient_checkpointing="sometimes"))
+    with pytest.raises(E, match="dpo.report_to"):
+        dpo._check(dpo.Config(report_to="mlflow"))

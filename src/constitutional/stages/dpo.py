@@ -56,7 +56,8 @@ from ..config import opt, to_dict
 from ..data.loaders import split_of
 from ..errors import UserError
 from ..run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now, read_jsonl
-from ..training import keep_matching_checkpoints, last_checkpoint, load_causal_lm, lora_config, save_model, trainer_args, training_dtype
+from ..training import (checkpointing_setting, decide_checkpointing, keep_matching_checkpoints, last_checkpoint, load_causal_lm,
+                        lora_config, report_targets, save_model, speed, tracking, trainer_args, training_dtype)
 from . import resolve_model
 from . import rl
 from .preference import Comparison, read_comparisons
@@ -93,6 +94,8 @@ class Config:
     eval_prompts: int = opt(8, "test-split prompts per set that DPO and SL-CAI answer (0 = skip that comparison)")
     temperature: float = opt(1.0, "sampling temperature of those answers")
     max_new_tokens: int = opt(64, "tokens per answer in that comparison")
+    gradient_checkpointing: str = opt("auto", "auto (on only when the activations would not fit in memory), on or off")
+    report_to: str = opt("none", "experiment tracking: none, tensorboard (<run>/dpo/logs), wandb or tensorboard,wandb")
     seed: int = opt(0, "random seed (data order, LoRA init, sampling)")
 
 
@@ -104,6 +107,8 @@ def _check(cfg: Config) -> list[str]:
         raise UserError(f"dpo.data {cfg.data!r}: use preferences, revisions or preferences+revisions")
     if cfg.loss not in ("soft", "sigmoid"):
         raise UserError(f"dpo.loss {cfg.loss!r}: use soft or sigmoid")
+    checkpointing_setting(cfg.gradient_checkpointing, "dpo.gradient_checkpointing")
+    report_targets(cfg.report_to, "dpo.report_to")
     for name in ("batch_size", "grad_accum", "max_length", "save_steps", "lora_r", "lora_alpha", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise UserError(f"dpo.{name} {getattr(cfg, name)}: must be >= 1")
@@ -227,7 +232,7 @@ def build_trainer(cfg: Config, rows: list[dict], heldout_rows: list[dict], polic
     model, tokenizer = load_causal_lm(policy, "dpo.policy")
     ref_model = None if cfg.lora and reference == policy else load_causal_lm(reference, "dpo.reference")[0]
     args = DPOConfig(
-        **trainer_args(checkpoint_dir, training_dtype(cfg.dtype), cfg.save_steps, cfg.seed),
+        **trainer_args(checkpoint_dir, training_dtype(cfg.dtype), cfg.save_steps, cfg.seed, cfg.report_to),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         learning_rate=cfg.learning_rate,
@@ -237,16 +242,26 @@ def build_trainer(cfg: Config, rows: list[dict], heldout_rows: list[dict], polic
         max_length=cfg.max_length,
         beta=cfg.beta,
         disable_dropout=True,  # policy and reference must score the same tokens identically
-        activation_checkpointing=False,  # TRL turns it on by default; for small models it only costs time
     )
+    # TRL turns checkpointing on by default; on a small model it only costs time: decide by memory,
+    # for a batch of the longest comparisons (chosen and rejected) through policy and reference
+    widest = max((len(tokenizer(tokenizer.apply_chat_template(list(c.messages) + [{"role": "assistant", "content": max(c.chosen, c.rejected, key=len)}],
+                                                              tokenize=False), add_special_tokens=False)["input_ids"]) for _, c in rows), default=1)
+    trainable = sum(p.numel() for p in model.parameters())
+    on, facts = decide_checkpointing(cfg.gradient_checkpointing, model, 2 * cfg.batch_size * min(widest, cfg.max_length),
+                                     args.bf16, 0 if cfg.lora else trainable, "dpo.gradient_checkpointing")
+    args.activation_checkpointing = on
+    args.activation_checkpointing_kwargs = {"use_reentrant": False} if on else None
 
     def dataset(pairs):
         return Dataset.from_list([{**preference_row(tokenizer, c.messages, c.chosen, c.rejected, c.p_chosen), "id": c.id, "source": s} for s, c in pairs])
 
-    return SoftDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset(rows),
-                          eval_dataset=dataset(heldout_rows) if heldout_rows else None, processing_class=tokenizer,
-                          peft_config=lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None,
-                          callbacks=[rl._on_log_callback(c) for c in callbacks], hard=cfg.loss == "sigmoid")
+    trainer = SoftDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset(rows),
+                             eval_dataset=dataset(heldout_rows) if heldout_rows else None, processing_class=tokenizer,
+                             peft_config=lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None,
+                             callbacks=[rl._on_log_callback(c) for c in callbacks], hard=cfg.loss == "sigmoid")
+    trainer.speed_facts = facts
+    return trainer
 
 
 def heldout_metrics(sources: list[str], before: tuple, after: tuple, reference: tuple, beta: float) -> dict:
@@ -274,7 +289,7 @@ def train(cfg: Config, run_dir: RunDir, data: tuple, policy: str, reference: str
     resumed_from = int(resume.name.split("-", 1)[1]) if resume else 0
     kept = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= resumed_from]  # later steps are redone
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-    with RecordShard(out / "metrics.jsonl") as shard:
+    with RecordShard(out / "metrics.jsonl") as shard, tracking(cfg.report_to, out, "dpo.report_to"):
         trainer = build_trainer(cfg, train_pairs, heldout_pairs, policy, reference, checkpoint_dir,
                                 callbacks=[rl.MetricsRecorder(shard, step_record)])
         if len(trainer.train_dataset) == 0:  # TRL drops comparisons whose prompt alone fills max_length
@@ -295,7 +310,8 @@ def train(cfg: Config, run_dir: RunDir, data: tuple, policy: str, reference: str
         "steps": steps, "resumed_from_step": resumed_from,
         "loss_first": mean("dpo/loss", records[:1]), "loss_last": mean("dpo/loss", tail),
         "accuracy_last": mean("dpo/accuracy", tail), "margin_last": mean("dpo/margin", tail), "kl_last": mean("dpo/kl", tail),
-        "seconds": round(seconds, 1), "seconds_per_step": round(seconds / max(1, steps - resumed_from), 3),
+        "seconds": round(seconds, 1), **trainer.speed_facts,
+        **speed(seconds, steps - resumed_from, getattr(trainer, "_total_train_tokens", 0)),
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "lora": cfg.lora, "dtype": training_dtype(cfg.dtype), "model": str(out / "model"),
     }
