@@ -28,7 +28,7 @@ from ..run import RecordShard, RunDir
 class Config:
     model: str = opt("embedded", "model string: embedded, a local model directory, or a hub id")
     dtype: str = opt("auto", "auto (bf16 where the hardware has it), bfloat16 or float32")
-    batch_size: int = opt(8, "multiple-choice prompts per scoring pass (generation batches are sized by the backend's token budget)")
+    batch_size: int = opt(8, "answers decoded together (the backend's token budget may allow fewer) and multiple-choice prompts per scoring pass")
     prompts: str = opt("builtin:redteam", "red-team prompts to answer")
     split: str = opt("test", "which split of the prompts to use: train, test or all")
     limit: int = opt(8, "how many red-team prompts to answer (0 = all)")
@@ -47,7 +47,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     prompts = load_prompts(cfg.prompts, split=None if cfg.split == "all" else cfg.split, limit=cfg.limit or None)
     items = load_mc(cfg.mc)
     items = items[: cfg.mc_limit] if cfg.mc_limit else items
-    backend = load_backend(cfg.model, dtype=cfg.dtype, batch_size=cfg.batch_size)
+    backend = load_backend(cfg.model, dtype=cfg.dtype, batch_size=cfg.batch_size, max_rows=cfg.batch_size)
     out = run_dir.stage_dir("baseline")
     params = GenerationParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, seed=cfg.seed)
     with RecordShard(out / "responses.jsonl") as shard:
