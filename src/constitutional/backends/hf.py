@@ -3,11 +3,12 @@
 Why not `model.generate`: on a CPU the prefill of long few-shot prompts costs more than decoding,
 and every critique and label prompt starts with the same few-shot block. This backend
 
-- finds the longest token prefix shared by all prompts of a call, encodes it once, and reuses its KV
-  cache for every batch (`prefix_cache=True`); the layout of a batch row is
-  `[shared prefix][left padding][own suffix][generated tokens]`, with explicit position ids so the
-  padding in the middle is invisible to the model;
-- sorts requests by length into batches (less padding), drops finished rows from the batch;
+- encodes the longest token prefix that prompts share once and reuses its KV cache for every row
+  that starts with it (`prefix_cache=True`; `_prefix_for`); a new row is prefilled as
+  `[shared prefix][left padding][own suffix]`, with explicit position ids so the padding in the
+  middle is invisible to the model;
+- decodes every request of a call (or of a `schedule` queue) in one running batch that takes a
+  waiting row as soon as one finishes (continuous batching, `hf_decode.py`);
 - samples each row with its own generator seeded from (seed, prompt, sample index), so results do
   not depend on batch composition or order (reproducible with a seed, also after a resume);
 - scores all options of a multiple-choice prompt in one forward pass (`option_logprobs`): the

@@ -313,6 +313,8 @@ class ContinuousDecoder:
         out = b._masked_forward(prefix, input_ids, allowed, pos[:, P:], use_cache=True, logits_to_keep=1)
         b.stats["prefill_tokens"] += int(sum(len(x) for x in suffixes))
         width = P + L
+        if s.B == 0:  # an empty batch starts over at column 0
+            s.n = 0
         if width > s.n:
             s.shift(width - s.n)
         s.reserve(s.B + len(rows), s.n + 1)
