@@ -105,7 +105,10 @@ def test_sft_on_two_processes_equals_one_process_with_accumulation(run, tmp_path
     (one_run / "revise" / "revisions.jsonl").write_bytes((run / "revise" / "revisions.jsonl").read_bytes())
     one = single("sft", one_run, *common, "grad_accum=2")
     assert one.returncode == 0, one.stderr[-3000:]
-    assert json.loads((out / "loss.json").read_text()) == json.loads((one_run / "sft" / "loss.json").read_text())
+    # the same losses up to float32 summation order (padding-free batches pack each process's rows differently)
+    two_losses, one_losses = (json.loads((d / "loss.json").read_text()) for d in (out, one_run / "sft"))
+    assert [x["step"] for x in two_losses] == [x["step"] for x in one_losses]
+    assert [x["loss"] for x in two_losses] == pytest.approx([x["loss"] for x in one_losses], rel=1e-5)
     a, b = load_file(out / "model" / "model.safetensors"), load_file(one_run / "sft" / "model" / "model.safetensors")
     assert a.keys() == b.keys()
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)

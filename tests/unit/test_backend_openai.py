@@ -498,3 +498,12 @@ def test_top_mode_sends_each_shared_prefix_once(fake):
     assert [pytest.approx(row) for row in got] == [[lp(" cb"), lp(" cd")]] * 2
     sent = [r["body"]["prompt"] for r in fake.requests]
     assert sorted(sent) == sorted({"P:", "P: ", "P: c", "Q:", "Q: ", "Q: c"}) and len(sent) == 6
+
+
+def test_a_stage_batch_size_bounds_the_requests_in_flight(monkeypatch):
+    from constitutional.backends.openai import OpenAIBackend
+
+    monkeypatch.delenv("CAI_OPENAI_MAX_CONCURRENCY", raising=False)
+    assert OpenAIBackend("openai:http://127.0.0.1:1/v1#m").max_concurrency == 8
+    assert OpenAIBackend("openai:http://127.0.0.1:1/v1#m", max_rows=2).max_concurrency == 2
+    assert OpenAIBackend("openai:http://127.0.0.1:1/v1#m", max_rows=64).max_concurrency == 8

@@ -123,11 +123,14 @@ class OpenAIBackend:
         tokenizer: str | None = None,
         logprobs_mode: str | None = None,
         system_prompt: str | None = None,
+        max_rows: int | None = None,
         **_,
     ):
         self.base_url, self.model = parse_openai(model)
         self.name = name or (model if model.startswith("openai:") else f"openai:{model}")
         self.max_concurrency = _setting(max_concurrency, "CAI_OPENAI_MAX_CONCURRENCY", 8, int, 1)
+        if max_rows:  # a stage's "most sequences decoded together" also bounds the requests in flight
+            self.max_concurrency = min(self.max_concurrency, max(1, int(max_rows)))
         self.timeout = _setting(timeout, "CAI_OPENAI_TIMEOUT", 120, float, 0.001)
         self.max_retries = _setting(max_retries, "CAI_OPENAI_MAX_RETRIES", 6, int, 0)
         self.backoff = _setting(backoff, "CAI_OPENAI_BACKOFF", 0.5, float, 0)
