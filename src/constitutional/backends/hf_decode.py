@@ -194,7 +194,7 @@ class ContinuousDecoder:
     def _decode_step(self) -> None:
         s, b = self.store, self.b
         tokens = self._sample()
-        keep, done = [], []
+        done = []  # positions in `active` of the rows that finish at this token
         for k, row in enumerate(self.active):
             t = int(tokens[k])
             if t in b.eos_ids:
@@ -203,7 +203,8 @@ class ContinuousDecoder:
                 row.out.append(t)
                 if row.req.params.stop and b._hit_stop(row.out, row.req.params.stop):
                     row.ended = True
-            (done if row.ended or len(row.out) >= row.max_new else keep).append(k)
+            if row.ended or len(row.out) >= row.max_new:
+                done.append(k)
         b.stats["generated_tokens"] += len(self.active)
         b.stats["decode_steps"] += 1
         b.stats["decode_rows"] += len(self.active)
