@@ -78,12 +78,7 @@ def _lcp(seqs: Sequence[Sequence[int]]) -> int:
     """Length of the longest common prefix of token sequences."""
     if not seqs:
         return 0
-    first, n = seqs[0], min(len(s) for s in seqs)
-    for i in range(n):
-        t = first[i]
-        if any(s[i] != t for s in seqs):
-            return i
-    return n
+    return min(_lcp2(seqs[0], s) for s in seqs)
 
 
 def _lcp2(a: Sequence[int], b: Sequence[int]) -> int:
@@ -388,10 +383,7 @@ class HFBackend:
         """Whether a new static cache fits in free GPU memory twice over (else the kept ones are dropped)."""
         if self.device.type != "cuda":
             return True
-        cfg = self.model.config.get_text_config(decoder=True)
-        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        need = 2 * cfg.num_hidden_layers * rows * heads * length * head_dim * torch.finfo(self.dtype).bits // 8
+        need = rows * length * kv_bytes_per_token(self.model.config, self.dtype)
         free, _ = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         return free > 2 * need
@@ -658,12 +650,18 @@ def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
 
 
-def kv_bytes_per_token(config, dtype) -> int:
-    """Bytes of KV cache one token takes in every layer of a model (keys and values)."""
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of a model's KV cache."""
     cfg = config.get_text_config(decoder=True)
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * heads * head_dim * torch.finfo(dtype).bits // 8
+    return cfg.num_hidden_layers, heads, head_dim
+
+
+def kv_bytes_per_token(config, dtype) -> int:
+    """Bytes of KV cache one token takes in every layer of a model (keys and values)."""
+    layers, heads, head_dim = kv_shape(config)
+    return 2 * layers * heads * head_dim * torch.finfo(dtype).bits // 8
 
 
 def _default_token_budget(config, dtype, device) -> int:

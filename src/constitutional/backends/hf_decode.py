@@ -142,10 +142,9 @@ class ContinuousDecoder:
         self.token_budget = max(256, int(token_budget))
         self.max_rows = max(1, int(max_rows))
         self.prefill_tokens = max(64, int(prefill_tokens))  # suffix tokens per prefill forward
-        cfg = backend.model.config.get_text_config(decoder=True)
-        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.store = _Store(cfg.num_hidden_layers, heads, head_dim, backend.dtype, backend.device)
+        from .hf import kv_shape
+
+        self.store = _Store(*kv_shape(backend.model.config), backend.dtype, backend.device)
         self.cache = SlotCache(self.store)
 
     # ------------------------------------------------------------ queue
