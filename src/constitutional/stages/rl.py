@@ -16,6 +16,11 @@ log-probability gradient by its reward. Here:
   `num_generations` samples per prompt and the KL in the reward: r - β·Σ_t log π/π_ref (`rl_math.py`);
   `grpo` (`trl.GRPOTrainer`): group-normalised advantages, KL (k3) added to the per-token loss.
   One generation per optimizer step and one update per generation, so both are on-policy.
+- rollouts: sampled by the `hf` backend around the policy being trained (`rollouts=backend`,
+  rollouts.py; seeded per step, so a resumed run samples as an uninterrupted one), or by TRL's HF
+  `generate` (`rollouts=trl`); TRL computes the log-probabilities of the sampled ids either way.
+  The step's completions may be trained in micro-batches (`memory_mb`, training.plan_step): same
+  generation, same gradient.
 
 Guards: `max_kl` stops training once TRL's logged KL (nats per completion token, mean over the batch)
 passes the bound, and records the step and why; when the PM's held-out or multiple-choice accuracy
