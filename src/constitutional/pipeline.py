@@ -1,7 +1,8 @@
 """Running stages: one stage (`cai <stage>`), a pipeline YAML (`cai run`), and `cai quickstart`.
 
-A pipeline YAML has top-level settings (`run_dir`, `seed`, `model`, `stages`) and one section per
-stage. `seed` and `model` are defaults for every stage whose config has those fields. Each stage
+A pipeline YAML has top-level settings (`run_dir`, `seed`, `model`, `memory_mb`, `stages`) and one
+section per stage. `seed`, `model` and `memory_mb` are defaults for every stage whose config has
+those fields. Each stage
 runs under the run directory's lock, is skipped when it already finished with the same resolved
 config (unless `--force`), and records its status, timings and summary in the manifest.
 """
@@ -28,6 +29,7 @@ class PipelineConfig:
     seed: int = opt(0, "random seed, the default for every stage")
     model: str = opt("embedded", "the starting model: the default for every stage that takes a model (stages whose model is auto use this run's trained model, else this one)")
     stages: list[str] = opt([], "stages to run, in order")
+    memory_mb: int = opt(0, "memory the process may use, MB: the default for every training stage's memory_mb (0 = the machine's free memory)")
 
 
 def split_pipeline(data: dict, source: str) -> tuple[PipelineConfig, dict[str, dict]]:
@@ -56,7 +58,7 @@ def stage_config(name: str, section: dict, pipe: PipelineConfig, source: str):
     fields = {f.name: f.default for f in dataclasses.fields(module.Config)}
     # `model` is the run's starting model; a stage whose model defaults to `auto` (this run's
     # trained model, see stages.resolve_model) keeps that default.
-    defaults = {k: getattr(pipe, k) for k in ("seed", "model") if k in fields and fields[k] != "auto"}
+    defaults = {k: getattr(pipe, k) for k in ("seed", "model", "memory_mb") if k in fields and fields[k] != "auto"}
     return module, build(module.Config, merge(defaults, section), f"{source}: {name}")
 
 
@@ -94,6 +96,8 @@ def run_stage(name: str, module, cfg, run_dir: RunDir, force: bool) -> dict | No
         if main:
             run_dir.fail(name, f"{type(e).__name__}: {e}")
         raise
+    finally:
+        release_memory()
     if not main:
         return summary
     if procs > 1:
@@ -103,6 +107,21 @@ def run_stage(name: str, module, cfg, run_dir: RunDir, force: bool) -> dict | No
     where = f" on {procs} processes" if procs > 1 else ""
     print(f"[{name}] done in {secs}s{where}: {json.dumps(summary, ensure_ascii=False)}", file=sys.stderr)
     return summary
+
+
+def release_memory() -> None:
+    """After a stage: collect what its objects' reference cycles keep alive (a trainer holds its
+    model, gradients and optimizer state in them, and Python's collector runs on object counts,
+    not bytes), and hand the freed heap back to the OS (glibc), so that the next stage of a
+    pipeline starts from what the process really holds."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def cmd_stage(args) -> int:

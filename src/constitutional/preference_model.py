@@ -119,7 +119,15 @@ def preference_row(tokenizer, prompt: Conversation, chosen: str, rejected: str, 
 
 def encode(tokenizer, prompt: Conversation, response: str) -> list[int]:
     """Token ids of (prompt, response) exactly as `RewardTrainer` tokenizes a `preference_row` side."""
-    prompt_part, completion = _completion(tokenizer, as_messages(prompt), response)
+    return _encode(tokenizer, *_completion(tokenizer, as_messages(prompt), response))
+
+
+def row_width(tokenizer, row: dict) -> int:
+    """Tokens of a `preference_row` in a padded batch: its two sides, each as long as the longer."""
+    return 2 * max(len(_encode(tokenizer, row["prompt"], row[side])) for side in ("chosen", "rejected"))
+
+
+def _encode(tokenizer, prompt_part, completion) -> list[int]:
     if isinstance(prompt_part, list):
         return list(tokenizer.apply_chat_template(prompt_part + completion, tokenize=True, return_dict=True)["input_ids"])
     eos = tokenizer.eos_token or ""

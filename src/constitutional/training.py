@@ -18,7 +18,9 @@ import os
 import shutil
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 from urllib.parse import urlparse
 
 from .errors import UserError
@@ -282,12 +284,12 @@ def activation_bytes(config, tokens: int, bf16: bool, params: int, checkpointing
 
 
 def free_memory(device) -> int:
-    """Bytes that can still be allocated on `device`: the GPU's free memory, or the machine's
-    available memory (less under a cgroup v2 memory limit)."""
+    """Bytes that can still be allocated on `device` ("cuda" or "cpu"): the GPU's free memory, or
+    the machine's available memory (less under a cgroup v2 memory limit)."""
     import psutil
     import torch
 
-    if getattr(device, "type", str(device)) == "cuda":
+    if str(device) == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     free = psutil.virtual_memory().available
     try:
@@ -308,31 +310,72 @@ def checkpointing_setting(value: str, setting: str) -> str:
     return v
 
 
-def decide_checkpointing(setting: str, model, tokens: int, bf16: bool, trainable: int, name: str, extra: int = 0) -> tuple[bool, dict]:
-    """Gradient checkpointing on or off for a training step over `tokens` tokens (the largest batch).
+@dataclass
+class StepPlan:
+    """How a training step runs: its batch in `micro_batches` equal parts (gradient accumulation:
+    the same examples and optimizer steps, the gradient of the whole batch), and whether the layers'
+    activations are recomputed in the backward pass. `facts` go into the stage summary."""
 
-    `auto` turns it on only when the step would not fit without it: the activations
-    (`activation_bytes`), plus what training has not allocated yet when this is called (gradients
-    and AdamW's two moments of the `trainable` parameters, 12 bytes each, and `extra` bytes, e.g. a
-    reference model still to load), exceed 80% of the device's free memory. TRL's trainers turn it
-    on by default; on a small model it only costs time (a second forward per layer in the backward).
-    `name` is the config field (e.g. "sft.gradient_checkpointing") for the message.
-    Returns (on, facts for the stage summary).
+    micro_batches: int
+    checkpointing: bool
+    facts: dict
+
+
+def rss() -> int:
+    """This process's resident memory, bytes."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def plan_step(setting: str, config, lengths: Sequence[int], batch: int, padded: bool, bf16: bool, params: int, trainable: int,
+              name: str, held: int = 0, limit_mb: int = 0) -> StepPlan:
+    """Micro-batches and gradient checkpointing for a step over `batch` sequences, decided by memory.
+
+    The worst step takes the `batch` longest of the training sequences' token `lengths`: padded,
+    batch x the longest; padding-free, their sum. A step needs, besides what the process holds now
+    (its RSS: libraries, what earlier work left, the part of the weights already paged in):
+    `held` bytes for the models' weights (those loaded lazily are not resident yet), 12 bytes per
+    `trainable` parameter for the gradients and AdamW's two moments, and the activations
+    (`activation_bytes`, which counts the bf16 weight copies autocast keeps). The budget is
+    `limit_mb` (the process's memory, MB), or else its RSS plus the machine's free memory; a plan
+    fits when the step's needs stay within 80% of what the budget leaves. Tried in order: 1, 2, ...
+    micro-batches (each divides `batch`) without checkpointing, then the same with it (`setting`
+    on or off keeps only one of the two; auto tries both, as TRL's default, always on, only costs
+    time on a small model). If nothing fits, the most frugal plan and a warning.
+    `name` is the config field (e.g. "sft.gradient_checkpointing") for the messages.
     """
     import sys
 
     choice = checkpointing_setting(setting, name)
-    device = next(model.parameters()).device
-    activations = activation_bytes(model.config, tokens, bf16, sum(p.numel() for p in model.parameters()))
-    need = activations + 12 * trainable + extra
-    free = free_memory(device)
-    on = choice == "on" or (choice == "auto" and need > 0.8 * free)
-    facts = {"gradient_checkpointing": on, "activation_mb_estimate": round(activations / 2**20),
-             "memory_free_mb": round(free / 2**20)}
-    if choice == "auto":
-        print(f"[{name.split('.')[0]}] gradient checkpointing {'on' if on else 'off'}: a step needs ~{need / 2**20:.0f} MB "
-              f"({tokens} tokens), {free / 2**20:.0f} MB free", file=sys.stderr)
-    return on, facts
+    now = rss()
+    budget = limit_mb * 2**20 if limit_mb > 0 else now + free_memory("cuda" if _on_cuda() else "cpu")
+    room = 0.8 * (budget - now)
+    longest = sorted(lengths, reverse=True)
+    fixed = held + 12 * trainable
+    options = [(m, ckpt) for ckpt in ((False, True) if choice == "auto" else (choice == "on",)) for m in range(1, batch + 1) if batch % m == 0]
+    for m, ckpt in options:
+        micro = batch // m
+        tokens = micro * longest[0] if padded else sum(longest[:micro])
+        need = fixed + activation_bytes(config, tokens, bf16, params, checkpointing=ckpt)
+        if need <= room:
+            break
+    stage = name.split(".")[0]
+    facts = {"micro_batches": m, "gradient_checkpointing": ckpt, "step_memory_mb_estimate": round(need / 2**20),
+             "memory_budget_mb": round(budget / 2**20)}
+    if need > room:
+        print(f"[{stage}] warning: a step needs ~{need / 2**20:.0f} MB beyond the {now / 2**20:.0f} MB held, more than 80% of the "
+              f"{(budget - now) / 2**20:.0f} MB left of the budget, even in {m} micro-batches with checkpointing; it may not fit", file=sys.stderr)
+    elif choice == "auto" or m > 1:
+        print(f"[{stage}] batch of {batch} in {m} micro-batch{'es' if m > 1 else ''}, gradient checkpointing {'on' if ckpt else 'off'}: "
+              f"a step needs ~{need / 2**20:.0f} MB beyond the {now / 2**20:.0f} MB held, budget {budget / 2**20:.0f} MB", file=sys.stderr)
+    return StepPlan(m, ckpt, facts)
+
+
+def _on_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def speed(seconds: float, steps: int, tokens: int) -> dict:

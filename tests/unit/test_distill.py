@@ -349,6 +349,29 @@ def test_epoch_order_is_a_function_of_seed_and_epoch():
     assert distill.epoch_order(10, 0, 1) != distill.epoch_order(10, 0, 2)
 
 
+def test_micro_batches_accumulate_the_batch_gradient(tiny_model_dir, files):
+    """train_step in 2 micro-batches: the gradient of the batch's token mean, as in one."""
+    import torch
+
+    from constitutional.backends.hf import HFBackend
+
+    backend = HFBackend(str(tiny_model_dir), dtype="float32", batch_size=4)
+    teacher_backend = distill.PromptedBackend(backend, distill.load_context(files / "ctx.yaml"))
+    records = [{"id": f"p{i}#0", "prompt_id": f"p{i}", "split": "train", "messages": [{"role": "user", "content": "Hi " * (i + 1)}],
+                "response": "Mix flour and water " * (i + 1), "truncated": i % 2 == 0} for i in range(4)]
+    examples = distill.encode_examples(backend, teacher_backend, records)
+    teacher = distill.Teacher(backend.model, examples, backend.pad_id)
+    grads = {}
+    for m in (1, 2):
+        student = distill.load_student(distill.Config(), str(tiny_model_dir), backend.device)
+        opt = torch.optim.SGD(student.parameters(), lr=0.0)
+        captured = []
+        opt.step = lambda: captured.append(torch.cat([p.grad.flatten() for p in student.parameters()]).clone())  # noqa: B023
+        distill.train_step(student, opt, teacher, examples, backend.pad_id, False, 0.0, None, micro_batches=m)
+        grads[m] = captured[0]
+    assert torch.allclose(grads[1], grads[2], atol=1e-6) and grads[1].abs().max() > 1e-4
+
+
 def test_length_grouped_batches_cover_the_epoch_with_less_padding():
     import random
 

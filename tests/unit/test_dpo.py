@@ -167,6 +167,26 @@ def test_trainer_loss_on_a_collated_batch_equals_the_pure_function_and_trls(tiny
     assert trl_loss.item() != pytest.approx(loss.item(), rel=1e-3)  # the soft targets did change the loss
 
 
+def test_micro_batches_accumulate_the_batch_gradient(tiny_model_dir, tmp_path, monkeypatch):
+    """A batch of 4 comparisons in 2 micro-batches of 2 (memory_mb, training.plan_step): the same
+    examples per optimizer step, the same first-step gradient."""
+    from conftest import first_step_gradient
+
+    from constitutional.stages.preference import Comparison
+    from constitutional.training import StepPlan
+
+    pairs = [("preferences", Comparison(f"c{i}", [{"role": "user", "content": f"Question {i}?"}], f"A kind answer {i}.", f"No{'!' * i}", p, "train"))
+             for i, p in enumerate([1.0, 0.8, 0.6, 0.9])]
+    grads = {}
+    for m in (1, 2):
+        monkeypatch.setattr(dpo, "plan_step", lambda *a, m=m, **k: StepPlan(m, False, {"micro_batches": m}))
+        trainer = dpo.build_trainer(_cfg(tiny_model_dir, batch_size=4, max_steps=1), pairs, [], str(tiny_model_dir), str(tiny_model_dir),
+                                    tmp_path / f"ckpt{m}")
+        assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (4 // m, m)
+        grads[m] = first_step_gradient(trainer)
+    assert torch.allclose(grads[1], grads[2], atol=1e-6) and grads[1].abs().max() > 1e-4
+
+
 # ---------------------------------------------------------------- data
 def _revision(i, usable=True, rounds=("ok", "ok"), identical=False, messages=None):
     rounds = [{"principle_id": f"p{k}", "status": s, "revision": f"revision {k} of {i}" if s == "ok" else f"dropped {k}"}

@@ -289,6 +289,25 @@ def test_stage_resumes_from_the_latest_checkpoint(tiny_model_dir, tmp_path, monk
     assert not (run_dir.path / "train-pm" / "checkpoints").exists()
 
 
+def test_micro_batches_accumulate_the_batch_gradient(tiny_model_dir, tmp_path, monkeypatch):
+    """A batch of 4 comparisons in 2 micro-batches of 2: the same first-step gradient."""
+    from conftest import first_step_gradient
+    from transformers import AutoTokenizer
+
+    from constitutional.training import StepPlan
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    rows = [preference_row(tok, r["prompt"], r["chosen"], r["rejected"], r["p_chosen"]) for r in _preferences(8)]
+    grads = {}
+    for m in (1, 2):
+        monkeypatch.setattr(preference, "plan_step", lambda *a, m=m, **k: StepPlan(m, False, {"micro_batches": m}))
+        cfg = preference.Config(model=str(tiny_model_dir), dtype="float32", max_steps=1, batch_size=4, save_steps=0, group_by_length=False)
+        trainer = preference.build_trainer(cfg, str(tiny_model_dir), tok, rows, tmp_path / f"ckpt{m}")
+        assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (4 // m, m)
+        grads[m] = first_step_gradient(trainer)
+    assert torch.allclose(grads[1], grads[2], atol=1e-6) and grads[1].abs().max() > 1e-4
+
+
 def test_pm_learns_a_marker_word(tiny_model_dir, tmp_path):
     """Chosen responses contain "please", rejected ones don't: held-out accuracy goes from 0 to ~1."""
     rng = random.Random(0)

@@ -202,6 +202,25 @@ def test_backend_rollouts_carry_the_logprobs_trl_expects(tiny_model_dir, tmp_pat
                     assert out["old_logps"][i].item() == pytest.approx(brute.sum().item(), abs=1e-4)
 
 
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+def test_micro_batches_accumulate_the_generation_gradient(tiny_model_dir, tmp_path, monkeypatch, algorithm):
+    """One generation of B·G = 8 completions trained in 2 micro-batches of 4: the same first-step
+    gradient as in one batch of 8 (same seed, so the same completions)."""
+    from conftest import first_step_gradient
+
+    from constitutional.training import StepPlan
+
+    rows = [{"prompt": [{"role": "user", "content": f"How do I bake bread {i}?"}], "id": str(i), "source": "redteam"} for i in range(4)]
+    grads = {}
+    for m in (1, 2):
+        monkeypatch.setattr(rl, "plan_step", lambda *a, m=m, **k: StepPlan(m, False, {"micro_batches": m}))
+        cfg = _cfg(tiny_model_dir, max_steps=1, num_generations=4, algorithm=algorithm)
+        trainer = rl.build_trainer(cfg, rows, str(tiny_model_dir), rl.PolicyReward(vowel_share, True, 0.0), tmp_path / f"ckpt{m}")
+        assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps, trainer.args.steps_per_generation) == (8 // m, m, m)
+        grads[m] = first_step_gradient(trainer)
+    assert torch.allclose(grads[1], grads[2], atol=1e-6) and grads[1].abs().max() > 1e-4
+
+
 # ---------------------------------------------------------------- the stage
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_rloo_raises_the_reward(tiny_model_dir, tmp_path, seed):

@@ -153,6 +153,24 @@ def test_padding_free_batches_train_like_padded_ones(tmp_path, tiny_model_dir):
         assert abs(loss_and_grad(leaky)[0] - l_pad) > 1e-4, impl
 
 
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_micro_batches_accumulate_the_batch_gradient(tmp_path, tiny_model_dir, monkeypatch, padding_free):
+    """A batch of 4 in 2 micro-batches of 2: the same examples, the same first-step gradient."""
+    from conftest import first_step_gradient
+    from constitutional.training import StepPlan
+
+    run = RunDir(tmp_path / "run")
+    write_revise(run)
+    rows, _ = sft.build_dataset(config(tiny_model_dir), run)
+    grads = {}
+    for m in (1, 2):
+        monkeypatch.setattr(sft, "plan_step", lambda *a, m=m, **k: StepPlan(m, False, {"micro_batches": m}))
+        trainer = sft.build_trainer(config(tiny_model_dir, batch_size=4, max_steps=1, padding_free=padding_free), rows, tmp_path / f"ckpt{m}")
+        assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (4 // m, m)
+        grads[m] = first_step_gradient(trainer)
+    assert torch.allclose(grads[1], grads[2], atol=1e-6) and grads[1].abs().max() > 1e-3
+
+
 def test_end_to_end(tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 

@@ -62,25 +62,44 @@ def test_activation_estimate_matches_what_autograd_saves(bf16):
         assert with_ckpt < estimate
 
 
-def test_checkpointing_is_decided_by_memory(tiny_model_dir, monkeypatch, capsys):
+def test_micro_batches_then_checkpointing_until_a_step_fits(tiny_model_dir, monkeypatch, capsys):
     from constitutional import training
 
     model, _ = load_causal_lm(str(tiny_model_dir), "sft.model")
     n = sum(p.numel() for p in model.parameters())
-    monkeypatch.setattr(training, "free_memory", lambda device: 10 * 2**30)
-    on, facts = training.decide_checkpointing("auto", model, 512, False, n, "sft.gradient_checkpointing")
-    assert not on and facts["gradient_checkpointing"] is False and facts["memory_free_mb"] == 10 * 1024
-    assert "gradient checkpointing off" in capsys.readouterr().err
-    need = training.activation_bytes(model.config, 512, False, n) + 12 * n
-    monkeypatch.setattr(training, "free_memory", lambda device: int(need / 0.8) - 1)  # just does not fit
-    assert training.decide_checkpointing("auto", model, 512, False, n, "sft.gradient_checkpointing")[0]
-    monkeypatch.setattr(training, "free_memory", lambda device: int(need / 0.8) + 1)  # just fits
-    assert not training.decide_checkpointing("auto", model, 512, False, n, "sft.gradient_checkpointing")[0]
-    assert training.decide_checkpointing("auto", model, 512, False, n, "sft.gradient_checkpointing", extra=2**20)[0]  # a model still to load
-    assert training.decide_checkpointing("on", model, 1, False, 0, "x.gradient_checkpointing")[0]
-    assert not training.decide_checkpointing("false", model, 10**9, False, n, "x.gradient_checkpointing")[0]
-    with pytest.raises(UserError, match="rl.gradient_checkpointing 'sometimes'"):
-        training.decide_checkpointing("sometimes", model, 1, False, 0, "rl.gradient_checkpointing")
+    lengths = [300, 280, 120, 100, 90]  # the worst batch of 4: the four longest
+
+    def act(tokens, ckpt=False):
+        return training.activation_bytes(model.config, tokens, False, n, checkpointing=ckpt)
+
+    def plan(setting="auto", padded=True, free=None, limit_mb=0):
+        if free is not None:
+            monkeypatch.setattr(training, "free_memory", lambda device: free)
+        return training.plan_step(setting, model.config, lengths, 4, padded, False, n, n, "sft.gradient_checkpointing", held=4 * n, limit_mb=limit_mb)
+
+    monkeypatch.setattr(training, "rss", lambda: 100 * 2**20)
+    fixed = 16 * n  # weights, gradients, AdamW's moments
+    p = plan(free=10 * 2**30)
+    assert (p.micro_batches, p.checkpointing) == (1, False) and p.facts["memory_budget_mb"] == 100 + 10 * 1024
+    assert "batch of 4 in 1 micro-batch, gradient checkpointing off" in capsys.readouterr().err
+    # padded: a micro-batch of 2 is 2 x 300 tokens; padding-free: 300 + 280
+    just_two = fixed + act(2 * 300)
+    assert plan(free=int(just_two / 0.8) + 1).micro_batches == 2 and plan(free=int(just_two / 0.8) - 1).micro_batches == 4
+    assert plan(padded=False, free=int((fixed + act(580)) / 0.8) + 1).micro_batches == 2
+    # not even 4 micro-batches fit: checkpointing, with the fewest micro-batches that then fit
+    room = fixed + act(300) - 1
+    expect = min(m for m in (1, 2, 4) if fixed + act(4 // m * 300, ckpt=True) <= room)
+    p = plan(free=int(room / 0.8))
+    assert (p.micro_batches, p.checkpointing) == (expect, True)
+    # a budget for the process: what it holds now is spent from it
+    limit = 100 + int(room / 0.8 / 2**20)
+    p = plan(limit_mb=limit)
+    assert p.checkpointing and p.facts["memory_budget_mb"] == limit
+    p = plan(limit_mb=101)
+    assert (p.micro_batches, p.checkpointing) == (4, True) and "may not fit" in capsys.readouterr().err
+    assert plan("on", free=10 * 2**30).checkpointing and not plan("false", limit_mb=101).checkpointing
+    with pytest.raises(UserError, match="sft.gradient_checkpointing 'sometimes'"):
+        plan("sometimes")
 
 
 def test_speed():

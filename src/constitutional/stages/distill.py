@@ -80,7 +80,7 @@ from ..data.loaders import load_mc
 from ..errors import UserError
 from ..run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now
 from . import load_prompt_sets
-from ..training import LoopLogger, checkpointing_setting, decide_checkpointing, lora_config, report_targets, save_model, speed, tracking, training_dtype
+from ..training import LoopLogger, checkpointing_setting, lora_config, plan_step, report_targets, save_model, speed, tracking, training_dtype
 
 
 @dataclass
@@ -106,6 +106,7 @@ class Config:
     dtype: str = opt("auto", "auto (bf16 where the hardware has it, else float32), bfloat16 or float32")
     gradient_checkpointing: str = opt("auto", "recompute the student's activations in the backward pass (less memory, slower): auto (only when a batch would not fit in memory), on or off")
     group_by_length: bool = opt(True, "batch teacher samples of similar length together (less padding; batches still in random order)")
+    memory_mb: int = opt(0, "memory this process may use, MB: a batch is split into micro-batches (same steps and gradients), then checkpointed, until a step fits (0 = the machine's free memory)")
     save_steps: int = opt(50, "steps between checkpoints (a rerun resumes from the newest)")
     mc: str = opt("builtin:mc", "multiple-choice set for the plain / prompted / distilled accuracies ('' = skip)")
     mc_limit: int = opt(0, "multiple-choice items to score (0 = all)")
@@ -404,21 +405,29 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     return batches
 
 
-def train_step(student, optimizer, teacher: Teacher, batch, pad_id: int, bf16: bool, lr: float, targets: dict | None) -> float:
-    """One optimizer step on `batch`; returns the loss."""
+def train_step(student, optimizer, teacher: Teacher, batch, pad_id: int, bf16: bool, lr: float, targets: dict | None,
+               micro_batches: int = 1) -> float:
+    """One optimizer step on `batch`; returns the loss. The batch's gradient is accumulated over
+    `micro_batches` parts, each part's mean KL weighted by its share of the batch's response
+    tokens, so it is the gradient of the batch's token mean (less activation memory at once)."""
     import torch
 
     for g in optimizer.param_groups:
         g["lr"] = lr
-    loss = batch_loss(student, teacher, batch, pad_id, bf16, targets)
-    loss.backward()
+    total, size, loss = sum(e.response_len for e in batch), math.ceil(len(batch) / micro_batches), 0.0
+    for i in range(0, len(batch), size):
+        part = batch[i : i + size]
+        part_loss = batch_loss(student, teacher, part, pad_id, bf16, targets) * (sum(e.response_len for e in part) / total)
+        part_loss.backward()
+        loss += float(part_loss.detach())
     torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return loss
 
 
-def train(cfg: Config, student, teacher: Teacher, examples: list[Example], pad_id: int, bf16: bool, ckpt_dir: Path, fingerprint: str) -> dict:
+def train(cfg: Config, student, teacher: Teacher, examples: list[Example], pad_id: int, bf16: bool, ckpt_dir: Path, fingerprint: str,
+          micro_batches: int = 1) -> dict:
     """The training loop with checkpoints and resume. Returns {steps, resumed_from_step, curve,
     seconds, tokens: the student tokens trained on in this run}."""
     import torch
@@ -443,7 +452,7 @@ def train(cfg: Config, student, teacher: Teacher, examples: list[Example], pad_i
             tokens += sum(len(e.student_ids) for e in batch)
             lr = cfg.learning_rate * (1 - step / total)
             torch.manual_seed(cfg.seed + step)  # dropout, if the model has any, replays on resume
-            loss = train_step(student, optimizer, teacher, batch, pad_id, bf16, lr, targets)
+            loss = train_step(student, optimizer, teacher, batch, pad_id, bf16, lr, targets, micro_batches)
             curve.append({"step": step + 1, "loss": loss, "learning_rate": lr, "epoch": round((step + 1) / per_epoch, 4)})
             logger.log(step + 1, {key: v for key, v in curve[-1].items() if key != "step"})
             bar.set_postfix(loss=f"{loss:.4f}")
@@ -584,9 +593,10 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     bf16 = dtype == "bfloat16"
     teacher = Teacher(backend.model, examples, backend.pad_id)
     student = load_student(cfg, backend.path, backend.device)
-    widest = sum(sorted(len(e.student_ids) for e in train_ex)[-cfg.batch_size:])
-    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    checkpointing, speed_facts = decide_checkpointing(cfg.gradient_checkpointing, student, widest, bf16, trainable, "distill.gradient_checkpointing")
+    plan = plan_step(cfg.gradient_checkpointing, student.config, [len(e.student_ids) for e in train_ex], min(cfg.batch_size, len(train_ex)), True, bf16,
+                     sum(p.numel() for p in student.parameters()), sum(p.numel() for p in student.parameters() if p.requires_grad),
+                     "distill.gradient_checkpointing", held=sum(4 * p.numel() for p in student.parameters()), limit_mb=cfg.memory_mb)
+    checkpointing, speed_facts = plan.checkpointing, plan.facts
     if checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fingerprint = _fingerprint(examples, cfg)
@@ -595,7 +605,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     if not before or before.get("fingerprint") != fingerprint:
         before = {**heldout_kl(student, teacher, eval_ex, backend.pad_id, bf16, cfg.batch_size, "before"), "fingerprint": fingerprint}
         atomic_write_json(before_path, before)
-    trained = train(cfg, student, teacher, train_ex, backend.pad_id, bf16, out / "checkpoints", fingerprint)
+    trained = train(cfg, student, teacher, train_ex, backend.pad_id, bf16, out / "checkpoints", fingerprint, plan.micro_batches)
     after = heldout_kl(student, teacher, eval_ex, backend.pad_id, bf16, cfg.batch_size, "after")
     atomic_write_json(out / "loss.json", trained["curve"])
 

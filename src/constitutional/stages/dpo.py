@@ -56,7 +56,7 @@ from ..config import opt, to_dict
 from ..data.loaders import split_of
 from ..errors import UserError
 from ..run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now, read_jsonl
-from ..training import (checkpointing_setting, decide_checkpointing, keep_matching_checkpoints, last_checkpoint, load_causal_lm,
+from ..training import (checkpointing_setting, keep_matching_checkpoints, last_checkpoint, load_causal_lm, plan_step,
                         lora_config, report_targets, save_model, speed, tracking, trainer_args, training_dtype)
 from . import resolve_model
 from . import rl
@@ -95,6 +95,7 @@ class Config:
     temperature: float = opt(1.0, "sampling temperature of those answers")
     max_new_tokens: int = opt(64, "tokens per answer in that comparison")
     gradient_checkpointing: str = opt("auto", "auto (on only when the activations would not fit in memory), on or off")
+    memory_mb: int = opt(0, "memory this process may use, MB: a batch is split into micro-batches (same steps and gradients), then checkpointed, until a step fits (0 = the machine's free memory)")
     report_to: str = opt("none", "experiment tracking: none, tensorboard (<run>/dpo/logs), wandb or tensorboard,wandb")
     seed: int = opt(0, "random seed (data order, LoRA init, sampling)")
 
@@ -231,25 +232,28 @@ def build_trainer(cfg: Config, rows: list[dict], heldout_rows: list[dict], polic
 
     model, tokenizer = load_causal_lm(policy, "dpo.policy")
     ref_model = None if cfg.lora and reference == policy else load_causal_lm(reference, "dpo.reference")[0]
+    # TRL turns checkpointing on by default; on a small model it only costs time: decide by memory,
+    # for a batch of the longest comparisons (chosen and rejected, padded to the longest) through the
+    # policy, with the reference's weights held beside it
+    lengths = [2 * min(cfg.max_length, len(tokenizer(tokenizer.apply_chat_template(list(c.messages) + [{"role": "assistant", "content": max(c.chosen, c.rejected, key=len)}],
+                                                                                  tokenize=False), add_special_tokens=False)["input_ids"])) for _, c in rows] or [1]
+    params = sum(p.numel() for p in model.parameters())
+    bf16 = training_dtype(cfg.dtype) == "bfloat16"
+    plan = plan_step(cfg.gradient_checkpointing, model.config, lengths, cfg.batch_size, True, bf16, params, 0 if cfg.lora else params,
+                     "dpo.gradient_checkpointing", held=4 * params * (1 if ref_model is None else 2), limit_mb=cfg.memory_mb)
+    on, facts = plan.checkpointing, plan.facts
     args = DPOConfig(
         **trainer_args(checkpoint_dir, training_dtype(cfg.dtype), cfg.save_steps, cfg.seed, cfg.report_to),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         learning_rate=cfg.learning_rate,
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=cfg.batch_size // plan.micro_batches,
         per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
+        gradient_accumulation_steps=cfg.grad_accum * plan.micro_batches,  # same examples per optimizer step
         max_length=cfg.max_length,
         beta=cfg.beta,
         disable_dropout=True,  # policy and reference must score the same tokens identically
     )
-    # TRL turns checkpointing on by default; on a small model it only costs time: decide by memory,
-    # for a batch of the longest comparisons (chosen and rejected) through policy and reference
-    widest = max((len(tokenizer(tokenizer.apply_chat_template(list(c.messages) + [{"role": "assistant", "content": max(c.chosen, c.rejected, key=len)}],
-                                                              tokenize=False), add_special_tokens=False)["input_ids"]) for _, c in rows), default=1)
-    trainable = sum(p.numel() for p in model.parameters())
-    on, facts = decide_checkpointing(cfg.gradient_checkpointing, model, 2 * cfg.batch_size * min(widest, cfg.max_length),
-                                     args.bf16, 0 if cfg.lora else trainable, "dpo.gradient_checkpointing")
     args.activation_checkpointing = on
     args.activation_checkpointing_kwargs = {"use_reentrant": False} if on else None
 

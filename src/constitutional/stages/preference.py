@@ -42,8 +42,8 @@ from ..config import opt
 from ..data.loaders import file_stem, implicit_prompt, parse_transcript, read_rows, split_of
 from ..errors import UserError
 from .. import distributed
-from ..run import RunDir, atomic_write_json, atomic_write_text
-from ..training import checkpointing_setting, decide_checkpointing, report_targets, speed, tracking
+from ..run import RunDir, atomic_write_json, atomic_write_text, read_records
+from ..training import checkpointing_setting, plan_step, report_targets, speed, tracking
 from . import resolve_model
 
 STAGE = "train-pm"
@@ -63,6 +63,7 @@ class Config:
     dtype: str = opt("auto", "auto (bf16 mixed precision where the hardware has it), bfloat16, float16 or float32")
     gradient_checkpointing: str = opt("auto", "recompute activations in the backward pass (less memory, slower): auto (only when a batch would not fit in memory), on or off")
     group_by_length: bool = opt(True, "batch comparisons of similar length together (less padding; batches still in random order)")
+    memory_mb: int = opt(0, "memory this process may use, MB: a batch is split into micro-batches (same steps and gradients), then checkpointed, until a step fits (0 = the machine's free memory)")
     save_steps: int = opt(50, "checkpoint every this many steps for resume (0 = no checkpoints)")
     heldout: float = opt(0.2, "share of comparisons held out for evaluation (by a hash of the id), besides those on test-split prompts")
     mc: str = opt("builtin:mc", "comparison set for PM accuracy (items with question/correct_response/incorrect_response); empty = skip")
@@ -238,7 +239,7 @@ def _inputs(cfg: Config, run_dir: RunDir) -> tuple[list[Comparison], list[Compar
     return train, heldout, helpful, _mc_pairs(cfg.mc) if cfg.mc else []
 
 
-def _training_args(cfg: Config, output_dir: Path):
+def _training_args(cfg: Config, output_dir: Path, plan):
     import torch
     from trl import RewardConfig
 
@@ -251,14 +252,15 @@ def _training_args(cfg: Config, output_dir: Path):
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         learning_rate=cfg.learning_rate,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
+        per_device_train_batch_size=cfg.batch_size // plan.micro_batches,
+        gradient_accumulation_steps=cfg.grad_accum * plan.micro_batches,
         max_length=cfg.max_length,
         # Weights stay float32 (AdamW updates at small learning rates vanish in bf16); bf16/fp16 is autocast.
         model_init_kwargs={"dtype": torch.float32, "use_safetensors": True},
         bf16=precision == torch.bfloat16,
         fp16=precision == torch.float16,
-        activation_checkpointing=False,  # TRL's default is on; decided by memory in `run`
+        activation_checkpointing=plan.checkpointing,  # TRL's default: on
+        activation_checkpointing_kwargs={"use_reentrant": False} if plan.checkpointing else None,
         # transformers' LengthGroupedSampler: random megabatches of 50 batches, sorted by length within
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         save_strategy="steps" if cfg.save_steps > 0 else "no",
@@ -275,24 +277,31 @@ def _training_args(cfg: Config, output_dir: Path):
 
 def build_trainer(cfg: Config, base: str, tokenizer, rows: list[dict], ckpt_dir: Path):
     """The `SoftLabelRewardTrainer` on preference `rows`, checkpointing into `ckpt_dir`; comparisons
-    longer than max_length are dropped (TRL). Gradient checkpointing follows `decide_checkpointing`
-    for a batch of the widest comparisons; `trainer.speed_facts` holds the decision for the summary."""
+    longer than max_length are dropped (TRL). Micro-batches and gradient checkpointing follow
+    `plan_step` for a batch of the widest comparisons (TRL's loss is a batch mean, so equal
+    micro-batches accumulate the whole batch's gradient); `trainer.speed_facts` holds the decisions."""
+    import torch
     from datasets import Dataset
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from ..preference_model import SoftLabelRewardTrainer
+    from ..backends.hf import resolve_dtype
+    from ..preference_model import SoftLabelRewardTrainer, row_width
 
+    config = AutoConfig.from_pretrained(base, num_labels=1)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForSequenceClassification.from_config(config).parameters())
+    widths = [row_width(tokenizer, r) for r in rows]
+    bf16 = resolve_dtype(cfg.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu")) == torch.bfloat16
+    plan = plan_step(cfg.gradient_checkpointing, config, [min(w, 2 * cfg.max_length) for w in widths], cfg.batch_size, True, bf16, params,
+                     params, "train-pm.gradient_checkpointing", held=4 * params, limit_mb=cfg.memory_mb)
     trainer = SoftLabelRewardTrainer(
-        model=base, args=_training_args(cfg, ckpt_dir), train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+        model=base, args=_training_args(cfg, ckpt_dir, plan), train_dataset=Dataset.from_list(rows), processing_class=tokenizer
     )
     if len(trainer.train_dataset) == 0:
         raise UserError(f"all {len(rows)} training comparisons are longer than max_length={cfg.max_length} tokens; raise train-pm.max_length")
     # a comparison's batch row width (chosen and rejected are padded together), for the length-grouped sampler
     trainer.train_dataset = trainer.train_dataset.map(lambda e: {"length": max(len(e["chosen_ids"]), len(e["rejected_ids"]))})
-    widest = max(trainer.train_dataset["length"])
-    on, trainer.speed_facts = decide_checkpointing(cfg.gradient_checkpointing, trainer.model, 2 * cfg.batch_size * widest, trainer.args.bf16,
-                                                   sum(p.numel() for p in trainer.model.parameters()), "train-pm.gradient_checkpointing")
-    trainer.args.activation_checkpointing = on
-    trainer.args.activation_checkpointing_kwargs = {"use_reentrant": False} if on else None
+    trainer.speed_facts = plan.facts
     return trainer
 
 

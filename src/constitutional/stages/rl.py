@@ -16,6 +16,11 @@ log-probability gradient by its reward. Here:
   `num_generations` samples per prompt and the KL in the reward: r - β·Σ_t log π/π_ref (`rl_math.py`);
   `grpo` (`trl.GRPOTrainer`): group-normalised advantages, KL (k3) added to the per-token loss.
   One generation per optimizer step and one update per generation, so both are on-policy.
+- rollouts: sampled by the `hf` backend around the policy being trained (`rollouts=backend`,
+  rollouts.py; seeded per step, so a resumed run samples as an uninterrupted one), or by TRL's HF
+  `generate` (`rollouts=trl`); TRL computes the log-probabilities of the sampled ids either way.
+  The step's completions may be trained in micro-batches (`memory_mb`, training.plan_step): same
+  generation, same gradient.
 
 Guards: `max_kl` stops training once TRL's logged KL (nats per completion token, mean over the batch)
 passes the bound, and records the step and why; when the PM's held-out or multiple-choice accuracy
@@ -66,8 +71,8 @@ from ..feedback import CHANCE_MARGIN, winner
 from ..rl_math import apply_length_penalty, bootstrap_mean_ci, kl_estimate, normalize_rewards, wilson_interval
 from ..run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now, read_jsonl
 from . import load_prompt_sets, resolve_model
-from ..training import (checkpointing_setting, decide_checkpointing, keep_matching_checkpoints, last_checkpoint, load_causal_lm,
-                        lora_config, report_targets, save_model, speed, tracking, trainer_args, training_dtype)
+from ..training import (checkpointing_setting, keep_matching_checkpoints, last_checkpoint, load_causal_lm, lora_config, plan_step,
+                        report_targets, save_model, speed, tracking, trainer_args, training_dtype)
 
 STAGE = "rl"
 ScoreFn = Callable[[Sequence, Sequence[str]], Sequence[float]]  # (conversations, responses) -> scores
@@ -100,6 +105,7 @@ class Config:
     dtype: str = opt("auto", "auto (bf16 autocast where the hardware has it, else float32), bfloat16 or float32")
     rollouts: str = opt("backend", "who samples the completions: backend (the hf backend's batched decoder) or trl (TRL's HF generate)")
     gradient_checkpointing: str = opt("auto", "recompute activations in the backward pass (less memory, slower): auto (only when a batch would not fit in memory), on or off")
+    memory_mb: int = opt(0, "memory this process may use, MB: a step's completions are trained in micro-batches (same steps and gradients), then checkpointed, until a step fits (0 = the machine's free memory)")
     save_steps: int = opt(10, "steps between checkpoints (a rerun resumes from the newest)")
     eval_prompts: int = opt(8, "held-out (test split) prompts per prompt set for RL-CAI vs SL-CAI (0 = skip the evaluation)")
     report_to: str = opt("none", "experiment tracking: none, tensorboard (<run>/rl/logs), wandb or tensorboard,wandb")
@@ -273,9 +279,11 @@ class KLGuard:
 
 def build_trainer(cfg: Config, rows: list[dict], policy: str, reward: PolicyReward, checkpoint_dir: Path, callbacks=()):
     """A `trl.RLOOTrainer` (or `GRPOTrainer`) on `rows`, float32 weights (bf16 autocast per `dtype`);
-    `rollouts=backend` samples through the hf backend (rollouts.py). Gradient checkpointing follows
-    `decide_checkpointing` for a step's B·G sequences of the longest prompt plus max_new_tokens;
-    `trainer.speed_facts` holds the decisions for the summary."""
+    `rollouts=backend` samples through the hf backend (rollouts.py). Micro-batches and gradient
+    checkpointing follow `plan_step` for a step's B·G sequences of the longest prompt plus
+    max_new_tokens: one generation of B·G completions per optimizer step either way, trained in
+    m micro-batches of B·G/m (RLOO's loss is a mean over sequences, so the accumulated gradient is
+    the whole generation's). `trainer.speed_facts` holds the decisions for the summary."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
@@ -285,31 +293,35 @@ def build_trainer(cfg: Config, rows: list[dict], policy: str, reward: PolicyRewa
     model, tokenizer = load_causal_lm(policy, "rl.policy")
     peft_config = lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None
     config_cls, trainer_cls = (RLOOConfig, RLOOTrainer) if cfg.algorithm == "rloo" else (GRPOConfig, GRPOTrainer)
+    completions = cfg.batch_size * cfg.num_generations
+    lengths = [len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+               + cfg.max_new_tokens for r in rows]
+    params = sum(p.numel() for p in model.parameters())
+    reference = 4 * params if cfg.beta > 0 and not cfg.lora else 0  # TRL loads a float32 copy
+    plan = plan_step(cfg.gradient_checkpointing, model.config, lengths, completions, True, training_dtype(cfg.dtype) == "bfloat16", params,
+                     0 if cfg.lora else params, "rl.gradient_checkpointing", held=4 * params + reference, limit_mb=cfg.memory_mb)
     if cfg.rollouts == "backend":
         trainer_cls = type(trainer_cls.__name__, (RLOOBackendRollouts if cfg.algorithm == "rloo" else GRPOBackendRollouts, trainer_cls), {})
     args = config_cls(
         **trainer_args(checkpoint_dir, training_dtype(cfg.dtype), cfg.save_steps, cfg.seed, cfg.report_to),
         max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate,
-        per_device_train_batch_size=cfg.batch_size * cfg.num_generations,  # completions, not prompts
+        per_device_train_batch_size=completions // plan.micro_batches,  # completions, not prompts
+        gradient_accumulation_steps=plan.micro_batches,
+        steps_per_generation=plan.micro_batches,  # one generation of B·G completions per optimizer step
         num_generations=cfg.num_generations,
         max_completion_length=cfg.max_new_tokens,
         temperature=cfg.temperature,
         beta=cfg.beta,
         disable_dropout=True,  # policy and reference must score the same tokens identically
-        activation_checkpointing=False,  # TRL's default is on; decided by memory below
+        activation_checkpointing=plan.checkpointing,  # TRL's default: on
+        activation_checkpointing_kwargs={"use_reentrant": False} if plan.checkpointing else None,
     )
     if cfg.rollouts == "backend":
         check_sampling(args)
     trainer = trainer_cls(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=tokenizer, peft_config=peft_config, callbacks=[_on_log_callback(c) for c in callbacks])
-    longest = max(len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]) for r in rows)
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    on, facts = decide_checkpointing(cfg.gradient_checkpointing, trainer.model, cfg.batch_size * cfg.num_generations * (longest + cfg.max_new_tokens),
-                                     args.bf16, trainable, "rl.gradient_checkpointing")
-    trainer.args.activation_checkpointing = on
-    trainer.args.activation_checkpointing_kwargs = {"use_reentrant": False} if on else None
-    trainer.speed_facts = {**facts, "rollouts": cfg.rollouts}
+    trainer.speed_facts = {**plan.facts, "rollouts": cfg.rollouts}
     return trainer
 
 

@@ -52,8 +52,8 @@ from ..config import opt, to_dict
 from ..errors import UserError
 from ..run import RunDir, atomic_write_json, atomic_write_text, now
 from ..run import read_records as run_read_records
-from ..training import (checkpointing_setting, decide_checkpointing, keep_matching_checkpoints, last_checkpoint, load_causal_lm,
-                        lora_config, report_targets, save_model, speed, tracking, trainer_args, training_dtype)
+from ..training import (checkpointing_setting, keep_matching_checkpoints, last_checkpoint, load_causal_lm, lora_config, plan_step,
+                        report_targets, save_model, speed, tracking, trainer_args, training_dtype)
 
 
 @dataclass
@@ -71,6 +71,7 @@ class Config:
     max_length: int = opt(512, "tokens per example (prompt + completion); longer ones are cut at the end")
     gradient_checkpointing: str = opt("auto", "recompute activations in the backward pass (less memory, slower): auto (only when a batch would not fit in memory), on or off")
     padding_free: bool = opt(True, "batch without padding: a batch's examples are concatenated into one row, each attending only to itself")
+    memory_mb: int = opt(0, "memory this process may use, MB: a batch is split into micro-batches (same steps and gradients), then checkpointed, until a step fits (0 = the machine's free memory)")
     lora: bool = opt(False, "train a LoRA adapter (merged into the weights at the end) instead of all weights")
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA scale numerator (scale = alpha / r)")
@@ -199,8 +200,10 @@ def build_trainer(cfg: Config, rows: list[dict], checkpoint_dir: Path):
     example) in place of the padded one; the dataset (tokenisation, truncation at max_length, the
     examples TRL drops) is the padded trainer's. transformers' sdpa and eager attention read the
     restarting position ids as a block-diagonal causal mask, so the loss and gradients equal the
-    padded batch's (tests/unit/test_sft.py). Gradient checkpointing follows `decide_checkpointing`
-    for the largest batch. `trainer.speed_facts` holds the decisions for the summary."""
+    padded batch's (tests/unit/test_sft.py). Micro-batches and gradient checkpointing follow
+    `plan_step` for the longest examples (TRL's loss over a step's micro-batches is normalised by
+    the step's token count, so the gradient is the whole batch's). `trainer.speed_facts` holds the
+    decisions for the summary."""
     import dataclasses
 
     from datasets import Dataset
@@ -210,32 +213,32 @@ def build_trainer(cfg: Config, rows: list[dict], checkpoint_dir: Path):
     dtype = training_dtype(cfg.dtype)
     model, tokenizer = load_causal_lm(cfg.model, "sft.model")
     peft_config = lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None
+    padding_free = cfg.padding_free and model.config._attn_implementation in ("sdpa", "eager")
+    lengths = [min(cfg.max_length, len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=True)["input_ids"]))
+               for r in rows]
+    params = sum(p.numel() for p in model.parameters())
+    plan = plan_step(cfg.gradient_checkpointing, model.config, lengths, cfg.batch_size, not padding_free, dtype == "bfloat16", params,
+                     0 if cfg.lora else params, "sft.gradient_checkpointing", held=4 * params, limit_mb=cfg.memory_mb)
     args = SFTConfig(
         **trainer_args(checkpoint_dir, dtype, cfg.save_steps, cfg.seed, cfg.report_to),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         learning_rate=cfg.learning_rate,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
+        per_device_train_batch_size=cfg.batch_size // plan.micro_batches,
+        gradient_accumulation_steps=cfg.grad_accum * plan.micro_batches,
         max_length=cfg.max_length,
         completion_only_loss=True,
-        # transformers 5's name for gradient_checkpointing, TRL's default on; decided below
-        activation_checkpointing=False,
+        # transformers 5's name for gradient_checkpointing (TRL's default: on)
+        activation_checkpointing=plan.checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if plan.checkpointing else None,
     )
     data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config)
     if len(trainer.train_dataset) == 0:  # TRL drops examples whose prompt alone fills max_length
         raise UserError(f"sft.max_length {cfg.max_length}: every prompt fills it, nothing left to train on; raise sft.max_length")
-    padding_free = cfg.padding_free and model.config._attn_implementation in ("sdpa", "eager")
     if padding_free:
         trainer.data_collator = dataclasses.replace(trainer.data_collator, padding_free=True)
-    lengths = sorted(len(ids) for ids in trainer.train_dataset["input_ids"])
-    tokens = sum(lengths[-cfg.batch_size:]) if padding_free else cfg.batch_size * lengths[-1]
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    on, facts = decide_checkpointing(cfg.gradient_checkpointing, trainer.model, tokens, dtype == "bfloat16", trainable, "sft.gradient_checkpointing")
-    trainer.args.activation_checkpointing = on
-    trainer.args.activation_checkpointing_kwargs = {"use_reentrant": False} if on else None
-    trainer.speed_facts = {**facts, "padding_free": padding_free}
+    trainer.speed_facts = {**plan.facts, "padding_free": padding_free}
     return trainer
 
 
