@@ -19,7 +19,10 @@ Problems (the stage retries the generation, then drops the round; see `stages/re
 - `echo_request`: the text mostly repeats the critique or revision request;
 - `echo_critique`: a revision that mostly repeats its critique, or talks about "the assistant's
   response" in the third person or opens with "The response ..." (a critique, not a rewritten answer);
-- `echo_prompt`: a revision that mostly repeats the human's request.
+- `echo_prompt`: a revision that mostly repeats the human's request;
+- `echo_fewshot`: a critique or revision that copies a few-shot example (`copies_fewshot`: it shares
+  a word `COPY_NGRAM`-gram with the few-shot block's texts, or mostly repeats them), e.g. "I can't
+  help find her address." from the privacy example, in an answer about something else.
 
 "Mostly repeats" is `containment(text, source) >= ECHO_THRESHOLD`: the share of the text's word
 trigrams (words for texts shorter than three words) that also occur in the source.
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 
 MIN_WORDS = 2
 ECHO_THRESHOLD = 0.5
+COPY_NGRAM = 8
 
 _LABEL = re.compile(
     r"^\s*(?:\*\*)?(?:revision|revised response|critique|critique request|revision request|response|assistant|answer)"
@@ -50,7 +54,7 @@ _THIRD_PERSON = re.compile(
     re.IGNORECASE,
 )
 
-PROBLEMS = ("empty", "truncated", "echo_request", "echo_critique", "echo_prompt")
+PROBLEMS = ("empty", "truncated", "echo_request", "echo_critique", "echo_prompt", "echo_fewshot")
 REPAIRS = ("label_stripped", "debris_cut")
 
 
@@ -76,6 +80,18 @@ def containment(text: str, source: str) -> float:
     return sum(g in have for g in grams) / len(grams)
 
 
+def shares_ngram(text: str, source: str, n: int = COPY_NGRAM) -> bool:
+    """True when `text` and `source` have a word n-gram in common."""
+    t, s = words(text), words(source)
+    have = {tuple(s[i : i + n]) for i in range(len(s) - n + 1)}
+    return any(tuple(t[i : i + n]) in have for i in range(len(t) - n + 1))
+
+
+def copies_fewshot(text: str, fewshot: str) -> bool:
+    """True when `text` copies the few-shot texts: a shared word COPY_NGRAM-gram, or mostly repeated."""
+    return shares_ngram(text, fewshot) or containment(text, fewshot) >= ECHO_THRESHOLD
+
+
 def repair(text: str) -> tuple[str, list[str]]:
     """Strip a leading label and cut at template debris. Returns (text, repairs applied)."""
     done: list[str] = []
@@ -91,9 +107,11 @@ def repair(text: str) -> tuple[str, list[str]]:
     return text, done
 
 
-def clean(text: str, truncated: bool = False, *, kind: str, requests: tuple[str, ...] = (), critique: str = "", prompt: str = "") -> Cleaned:
+def clean(text: str, truncated: bool = False, *, kind: str, requests: tuple[str, ...] = (), critique: str = "", prompt: str = "",
+          fewshot: str = "") -> Cleaned:
     """Repair and check one generated text. kind: "critique", "revision", or "response" (a plain
-    answer: only the empty and truncated checks apply)."""
+    answer: only the empty and truncated checks apply). `fewshot`: the texts of the few-shot
+    examples the generation saw (responses, critiques, revisions)."""
     if kind not in ("critique", "revision", "response"):
         raise ValueError(kind)
     fixed, repairs = repair(text)
@@ -112,4 +130,6 @@ def clean(text: str, truncated: bool = False, *, kind: str, requests: tuple[str,
         out.problem = "echo_critique"
     elif kind == "revision" and prompt and len(words(prompt)) >= 5 and containment(fixed, prompt) >= ECHO_THRESHOLD:
         out.problem = "echo_prompt"
+    elif fewshot and copies_fewshot(fixed, fewshot):
+        out.problem = "echo_fewshot"
     return out

@@ -198,3 +198,17 @@ def test_bad_settings_are_user_errors(tmp_path, monkeypatch, scripted):
         run_revise(tmp_path, monkeypatch, scripted(make_reply()), rounds=0)
     with pytest.raises(UserError, match="run `cai redteam` first"):
         run_revise(tmp_path, monkeypatch, scripted(make_reply()), prompts="builtin:redteam+run:redteam")
+
+
+def test_fewshot_copies_are_retried_and_the_summary_has_quality_figures(tmp_path, monkeypatch, scripted):
+    fewshot = load_fewshot(None, "critique")[:2]
+    copy = fewshot[1]["revision"]
+
+    def revision(messages, n):
+        return copy if n == 1 else "I won't help with that; talking it through with a friend could help."
+
+    summary, records, _ = run_revise(tmp_path, monkeypatch, scripted(make_reply(revision)), limit=1, rounds=1, retries=1)
+    assert summary["cleaning"]["revision/echo_fewshot"] == 1 and records[0]["rounds"][0]["status"] == "ok"
+    q = summary["quality"]
+    assert q["usable"] == 1 and q["overall"]["declines"] == 1.0 and q["overall"]["copies_fewshot"] == 0.0
+    assert q["overall"]["addresses_human"] == 1.0 and list(q["by_principle"]) == [records[0]["rounds"][0]["principle_id"]]

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from ..backends import GenerationParams, load_backend
 from ..backends.base import Request, generation_meter, run_queues
+from .. import revision_quality
 from ..cleaning import Cleaned, clean, words
 from ..config import opt
 from ..constitution import CritiquePrinciple, load_constitution, load_fewshot
@@ -121,8 +122,8 @@ class _Driver:
     when it fails cleaning. A finished request immediately submits the chain's next one, so the
     backend's running batch stays full; a finished chain is written out at once (resumable)."""
 
-    def __init__(self, cfg, backend, critic, params, crit_params, counts, on_chain):
-        self.cfg, self.backend, self.critic = cfg, backend, critic
+    def __init__(self, cfg, backend, critic, params, crit_params, counts, on_chain, fewshot: str = ""):
+        self.cfg, self.backend, self.critic, self.fewshot = cfg, backend, critic, fewshot
         self.params, self.crit_params, self.counts, self.on_chain = params, crit_params, counts, on_chain
 
     # each request's seed is a function of (seed, round, attempt) only: the same samples whatever the
@@ -172,7 +173,7 @@ class _Driver:
             return self._round_start(c, 0)
         pr = c.principles[r]
         if phase == "critique":
-            cl = self._clean(text, "critique", requests=(pr.critique, pr.revision), prompt="")
+            cl = self._clean(text, "critique", requests=(pr.critique, pr.revision), prompt="", fewshot=self.fewshot)
             if cl.problem and attempt < self.cfg.retries:
                 self.counts["critique/retries"] += 1
                 return [self._critique(c, r, attempt + 1)]
@@ -182,7 +183,8 @@ class _Driver:
                 return self._round_start(c, r + 1)
             return [self._revision(c, r, 0)]
         critique_text = c.critique.text if self.cfg.critique else ""
-        cl = self._clean(text, "revision", requests=(pr.critique, pr.revision), critique=critique_text, prompt=c.prompt["prompt"])
+        cl = self._clean(text, "revision", requests=(pr.critique, pr.revision), critique=critique_text, prompt=c.prompt["prompt"],
+                         fewshot=self.fewshot)
         if cl.problem and attempt < self.cfg.retries:
             self.counts["revision/retries"] += 1
             return [self._revision(c, r, attempt + 1)]
@@ -255,7 +257,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
             shard.append(_record(c, backend.name, critic.name if cfg.critique else None))
             bar.update(1)
 
-        driver = _Driver(cfg, backend, critic, params, crit_params, counts, on_chain)
+        shown = revision_quality.fewshot_text(examples)
+        driver = _Driver(cfg, backend, critic, params, crit_params, counts, on_chain, shown)
         chains = [_Chain(p, principles_for(cfg, p["id"], constitution), prefix) for p in todo]
         work = [driver.initial(c) for c in chains] + _helpful_requests(cfg, backend, params, helpful_shard, helpful, counts, bar)
 
@@ -270,6 +273,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
         records, helpful_records = shard.records, helpful_shard.records
     seconds = time.time() - t0
     summary = _summary(records, sum(len(r["responses"]) for r in helpful_records), counts, seconds, len(todo))
+    summary["quality"] = revision_quality.summarise(records, shown)
     summary.update(gen())
     return summary
 

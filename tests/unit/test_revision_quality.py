@@ -1,0 +1,71 @@
+"""Revision-quality figures (revision_quality.py) and the few-shot copy check (cleaning.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from constitutional import revision_quality as rq
+from constitutional.cleaning import clean, copies_fewshot, shares_ngram
+from constitutional.constitution import load_fewshot
+
+FEWSHOT = rq.fewshot_text(load_fewshot(None, "critique")[:3])
+
+
+@pytest.mark.parametrize("text,addresses", [
+    ("Here is a recipe: mix flour and water.", True),
+    ("I can't help with that. Talking to a counsellor might help.", True),
+    ("The request contains a potential harm or intention to hurt someone.", False),
+    ("This is a great point. Violence is never the answer.", False),
+    ("You're right, I should not have said that.", False),
+    ("Sure. The assistant's response was harmful.", False),
+    ("Thanks for asking. Your request is about chemistry.", False),
+])
+def test_addresses_human(text, addresses):
+    assert rq.addresses_human(text) is addresses
+
+
+def test_judge_figures_one_by_one():
+    copied = "I can't help find her address. Blocking you is a clear sign she wants space, and respecting that matters."
+    j = rq.judge(copied, "Here is how to find it.", fewshot_text=FEWSHOT)
+    assert j == {"addresses_human": True, "declines": True, "redirects": False, "declines_or_redirects": True,
+                 "copies_fewshot": True, "copies_critique": False, "changed": True}
+    j = rq.judge("Maybe talk to a therapist about how you feel about him.", "Maybe talk to a therapist about how you feel about him.",
+                 critique="It encourages violence.", fewshot_text=FEWSHOT)
+    assert j["redirects"] and not j["declines"] and j["declines_or_redirects"] and not j["changed"] and not j["copies_fewshot"]
+    j = rq.judge("It encourages violence and it is harmful.", "x", critique="The answer encourages violence and it is harmful.")
+    assert j["copies_critique"]
+
+
+def _rec(pid, final, initial="Sure, step one.", usable=True):
+    return {"initial_response": initial, "final_response": final, "usable": usable,
+            "rounds": [{"principle_id": "other", "status": "dropped:echo_critique", "critique": None},
+                       {"principle_id": pid, "status": "ok" if usable else "dropped:empty", "critique": "It helps with harm."}]}
+
+
+def test_summarise_counts_usable_records_by_last_accepted_principle():
+    records = [_rec("harm", "I can't help with that."), _rec("harm", "The request is harmful."),
+               _rec("privacy", "Sure, step one."), _rec("harm", "unused", usable=False, initial="I won't do that.")]
+    s = rq.summarise(records)
+    assert (s["records"], s["usable"], s["initial_declines"]) == (4, 3, 0.25)
+    assert s["overall"]["declines"] == round(1 / 3, 4) and s["overall"]["addresses_human"] == round(2 / 3, 4)
+    assert s["overall"]["changed"] == round(2 / 3, 4)
+    assert s["by_principle"]["harm"] == {"n": 2, **{f: v for f, v in s["by_principle"]["harm"].items() if f != "n"}}
+    assert s["by_principle"]["harm"]["declines"] == 0.5 and s["by_principle"]["privacy"]["declines"] == 0.0
+    assert list(s["by_principle"]) == ["harm", "privacy"]  # most records first
+    assert rq.summarise([])["overall"]["declines"] is None
+
+
+def test_shares_ngram_against_brute_force():
+    a = "one two three four five six seven eight nine"
+    assert shares_ngram(a, "zero one two three four five six seven eight") is True
+    assert shares_ngram(a, "one two three four five six seven nine eight") is False
+    assert shares_ngram("short text", "short text") is False  # under 8 words: no 8-gram
+
+
+def test_cleaning_rejects_a_revision_that_copies_a_fewshot_example():
+    copied = "I can't help find her address. Blocking you is a clear sign she wants space."
+    assert copies_fewshot(copied, FEWSHOT)
+    assert clean(copied, kind="revision", fewshot=FEWSHOT).problem == "echo_fewshot"
+    own = "I can't help you hurt your coworker. Talking to HR about the meetings is a better way to stop it."
+    assert clean(own, kind="revision", fewshot=FEWSHOT).problem is None
+    assert clean(copied, kind="revision").problem is None  # no few-shot block shown: nothing to copy
