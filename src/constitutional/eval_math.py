@@ -17,6 +17,11 @@
   the interval is the percentile interval of the refits.
 - `wilson`: the Wilson score interval of a proportion (refusal rates).
 - `bootstrap_mean`: a percentile bootstrap interval of a mean (preference-model scores).
+- `paired_change`: how a rate changed between two models answering the same prompts (refusal of
+  model vs the starting model): the difference of the rates, Newcombe's score interval for a
+  difference of paired proportions (Newcombe 1998, method 10: the two Wilson intervals combined with
+  the correlation of the pairs), and the exact McNemar test (two-sided binomial test on the
+  discordant pairs: under "no change", a prompt that changed is as likely to change either way).
 """
 
 from __future__ import annotations
@@ -199,3 +204,41 @@ def bootstrap_mean(values: Sequence[float], samples: int = 1000, seed: int = 0, 
     means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples)) or [mean]
     alpha = (1.0 - level) / 2.0
     return mean, _percentile(means, alpha), _percentile(means, 1.0 - alpha)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: b pairs changed one way, c the other; P(as extreme | p = 1/2)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
+def paired_change(before: Sequence[bool], after: Sequence[bool], z: float = Z95, alpha: float = 0.05) -> dict:
+    """The change of a rate between two models on the same items: {before, after, difference, ci (of
+    the difference, Newcombe's method 10), p_value (exact McNemar), significant (p < alpha), n,
+    gained (false -> true), lost (true -> false)}."""
+    if len(before) != len(after):
+        raise ValueError(f"paired_change: {len(before)} vs {len(after)} items")
+    n = len(before)
+    if n == 0:
+        return {"before": None, "after": None, "difference": None, "ci": [-1.0, 1.0], "p_value": 1.0, "significant": False,
+                "n": 0, "gained": 0, "lost": 0}
+    both = sum(1 for x, y in zip(before, after) if x and y)
+    gained = sum(1 for x, y in zip(before, after) if y and not x)
+    lost = sum(1 for x, y in zip(before, after) if x and not y)
+    neither = n - both - gained - lost
+    p1, p2 = (both + gained) / n, (both + lost) / n  # after, before
+    l1, u1 = wilson(both + gained, n, z)
+    l2, u2 = wilson(both + lost, n, z)
+    # the correlation of the pairs (phi of the 2x2 table), 0 when a margin is empty
+    margins = (both + gained) * (lost + neither) * (both + lost) * (gained + neither)
+    phi = (both * neither - gained * lost) / math.sqrt(margins) if margins > 0 else 0.0
+    d = p1 - p2
+    lo = d - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    hi = d + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    p = mcnemar_exact(gained, lost)
+    return {"before": p2, "after": p1, "difference": d, "ci": [max(-1.0, lo), min(1.0, hi)], "p_value": p, "significant": p < alpha,
+            "n": n, "gained": gained, "lost": lost}

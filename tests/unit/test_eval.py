@@ -488,3 +488,50 @@ def test_a_second_evaluation_reuses_answers_and_choices(tmp_path, patched):
     (rd.path / "eval").rename(rd.path / "eval.stale2")
     ev.run(settings(tmp_path, max_new_tokens=8), rd)
     assert len(generated(backends["refuser"])) > len([c for c in backends["refuser"].calls[: calls["refuser"]] if c[0] == "generate"])
+
+
+# ---------------------------------------------------------------- paired change of a rate (eval_math)
+def test_mcnemar_exact_against_enumeration():
+    import itertools
+
+    from constitutional.eval_math import mcnemar_exact
+
+    for b, c in [(0, 0), (3, 0), (5, 2), (1, 9), (6, 6), (12, 4)]:
+        n = b + c
+        if n == 0:
+            assert mcnemar_exact(b, c) == 1.0
+            continue
+        # every way the n discordant pairs could have gone under p = 1/2: as or more extreme than observed
+        extreme = sum(1 for signs in itertools.product((0, 1), repeat=n) if abs(sum(signs) - n / 2) >= abs(b - n / 2))
+        assert mcnemar_exact(b, c) == pytest.approx(min(1.0, extreme / 2**n))
+
+
+def test_paired_change_counts_and_interval_cover_the_truth():
+    import random
+
+    from constitutional.eval_math import paired_change
+
+    before = [False] * 8 + [True] * 2
+    after = [True] * 5 + [False] * 3 + [True, False]
+    r = paired_change(before, after)
+    assert (r["n"], r["gained"], r["lost"]) == (10, 5, 1)
+    assert r["before"] == 0.2 and r["after"] == 0.6 and r["difference"] == pytest.approx(0.4)
+    assert r["ci"][0] < 0.4 < r["ci"][1] and r["p_value"] == pytest.approx(2 * 7 / 64)
+    same = paired_change([True, False] * 10, [True, False] * 10)
+    assert same["difference"] == 0 and same["p_value"] == 1.0 and not same["significant"] and same["ci"][0] <= 0 <= same["ci"][1]
+    # coverage of the 95% interval by simulation: correlated pairs, a true difference of +0.25
+    rng, hits, trials = random.Random(0), 0, 400
+    for _ in range(trials):
+        b, a = [], []
+        for _ in range(60):
+            x = rng.random() < 0.1
+            y = x or rng.random() < 0.25 / 0.9
+            b.append(x)
+            a.append(y if rng.random() > 0.05 else not y)
+        true = (0.1 + 0.9 * 0.25 / 0.9) * 0.95 + (1 - (0.1 + 0.9 * 0.25 / 0.9)) * 0.05 - 0.1
+        lo, hi = paired_change(b, a)["ci"]
+        hits += lo <= true <= hi
+    assert hits / trials >= 0.92
+    with pytest.raises(ValueError):
+        paired_change([True], [True, False])
+    assert paired_change([], [])["difference"] is None
