@@ -41,10 +41,11 @@ BUILTIN = {
     "redteam": "redteam_prompts.jsonl",
     "helpful": "helpful_prompts.jsonl",
     "benign": "benign_lookalike_prompts.jsonl",  # benign requests that only look harmful (over-refusal)
+    "benign_train": "benign_lookalike_train_prompts.jsonl",  # benign look-alikes for training, all split train
     "mc": "mc_comparisons.jsonl",
     "truthfulness": "truthfulness_mc.jsonl",  # misconception questions, two options
 }
-PROMPT_SETS = ("redteam", "helpful", "benign")
+PROMPT_SETS = ("redteam", "helpful", "benign", "benign_train")
 MC_SETS = ("mc", "truthfulness")
 
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant|H|A):[ \t]?", re.MULTILINE)
