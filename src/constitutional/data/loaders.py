@@ -47,10 +47,11 @@ BUILTIN = {
     "redteam_heldout": "redteam_heldout_prompts.jsonl",  # held-out harmful requests, all split test
     "helpful": "helpful_prompts.jsonl",
     "benign": "benign_lookalike_prompts.jsonl",  # benign requests that only look harmful (over-refusal)
+    "benign_train": "benign_lookalike_train_prompts.jsonl",  # benign look-alikes for training, all split train
     "mc": "mc_comparisons.jsonl",
     "truthfulness": "truthfulness_mc.jsonl",  # misconception questions, two options
 }
-PROMPT_SETS = ("redteam", "redteam_heldout", "helpful", "benign")
+PROMPT_SETS = ("redteam", "redteam_heldout", "helpful", "benign", "benign_train")
 MC_SETS = ("mc", "truthfulness")
 
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant|H|A):[ \t]?", re.MULTILINE)
