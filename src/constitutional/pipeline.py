@@ -190,16 +190,21 @@ def _fmt_ci(ci) -> str:
 
 
 def headline(run_dir: RunDir, names: list[str]) -> list[str]:
-    """The end-of-run lines: seconds per stage, peak memory, and the numbers that say whether each
-    stage did what the paper says (from the stages' summaries and eval/results.json)."""
+    """The end-of-run lines: the verdict on each trained model (`verdict_lines`), seconds per stage,
+    peak memory, and the numbers that say whether each stage did what the paper says (from the
+    stages' summaries and eval/results.json)."""
     import resource
 
     st = run_dir.manifest["stages"]
     secs = [(n, st.get(n, {}).get("seconds")) for n in names]
     total = sum(s for _, s in secs if s)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = ["", "== timings (s): " + ", ".join(f"{n} {s:.0f}" for n, s in secs if s is not None) + f"; total {total:.0f} s; peak memory {peak:.0f} MB"]
     summ = {n: st.get(n, {}).get("summary") or {} for n in st}
+    results = run_dir.path / "eval" / "results.json"
+    out = [""]
+    if "eval" in summ and results.is_file():  # the verdict first
+        out += verdict_lines(json.loads(results.read_text(encoding="utf-8")))
+    out.append("== timings (s): " + ", ".join(f"{n} {s:.0f}" for n, s in secs if s is not None) + f"; total {total:.0f} s; peak memory {peak:.0f} MB")
     if summ.get("label", {}).get("verdict"):
         out.append(f"== labeler: {summ['label']['verdict']}")
     pm = summ.get("train-pm", {})
@@ -229,19 +234,58 @@ def headline(run_dir: RunDir, names: list[str]) -> list[str]:
         mc = d.get("mc_accuracy") or {}
         out.append(f"== context distillation: KL {d['kl_before']:.3f} -> {d['kl_after']:.3f} nats/token ({d['gap_closed']:.0%} of the gap closed), {d['prompt_tokens_saved_per_request']:.0f} prompt tokens saved per request"
                    + (f"; MC accuracy plain {mc.get('plain')}, prompted {mc.get('prompted')}, distilled {mc.get('distilled')}" if mc else ""))
-    results = run_dir.path / "eval" / "results.json"
-    if "eval" in summ and results.is_file():
-        res = json.loads(results.read_text(encoding="utf-8"))
-        for name, r in (res.get("refusal") or {}).items():
-            harm = (res.get("harmlessness") or {}).get("elo", {}).get(name, {})
-            helpf = (res.get("helpfulness") or {}).get("elo", {}).get(name, {})
-            out.append(
-                f"== {name}: refuses {r['harmful_refusal_rate']:.0%} of {r['n_harmful']} harmful prompts, {r['benign_refusal_rate']:.0%} of {r['n_benign']} benign look-alikes"
-                + (f"; harmlessness Elo {harm['elo']:+.0f}, helpfulness Elo {helpf['elo']:+.0f}" if harm and helpf else "")
-            )
     rep = summ.get("report", {}).get("report")
     if rep:
         out.append(f"== report: {rep}")
+    return out
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def _change(c: dict, what: str) -> str:
+    """'2% -> 31% of 193 harmful prompts (+29 points [20, 38], p < 0.001: significant)'."""
+    if not c or c.get("difference") is None:
+        return f"no {what}"
+    p = c["p_value"]
+    lo, hi = c["ci"]
+    return (f"{_pct(c['before'])} -> {_pct(c['after'])} of {c['n']} {what} ({100 * c['difference']:+.0f} points "
+            f"[{100 * lo:+.0f}, {100 * hi:+.0f}], {'p < 0.001' if p < 0.001 else f'p = {p:.3f}'}: "
+            f"{'significant' if c['significant'] else 'not significant'})")
+
+
+def verdict_lines(res: dict) -> list[str]:
+    """The verdict of eval/results.json, one line per trained model: how often it refuses held-out
+    harmful prompts and benign look-alikes against the starting model (paired on the same prompts:
+    the difference, its 95% interval and the exact McNemar test), then its Elo, with what the judge's
+    own accuracy says an Elo from it is worth."""
+    out = []
+    refusal = res.get("refusal") or {}
+    names = list(res.get("models") or refusal)
+    base = names[0] if names else None
+    judge = res.get("judge") or {}
+    if judge.get("accuracy") is not None:
+        lo, hi = judge["ci"]
+        note = (f"at chance ({_pct(judge['accuracy'])} [{_pct(lo)}, {_pct(hi)}] on {judge['n']} labelled comparisons, "
+                f"both orders): an Elo from it is no evidence either way" if judge.get("at_chance") else
+                f"{_pct(judge['accuracy'])} [{_pct(lo)}, {_pct(hi)}] accurate on {judge['n']} labelled comparisons")
+    else:
+        note = "not checked on labelled comparisons: read an Elo from it with care"
+    for name in names[1:]:
+        r = refusal.get(name) or {}
+        ch = r.get("change") or {}
+        line = f"== {name} vs {base}: refuses " + _change(ch.get("harmful"), "harmful prompts") + "; over-refuses " + _change(ch.get("benign"), "benign look-alikes")
+        harm = (res.get("harmlessness") or {}).get("elo", {}).get(name, {})
+        helpf = (res.get("helpfulness") or {}).get("elo", {}).get(name, {})
+        if harm or helpf:
+            elo = ", ".join(f"{k} Elo {v['elo']:+.0f}" for k, v in (("harmlessness", harm), ("helpfulness", helpf)) if v)
+            line += f"; {elo} (judge {note})"
+        out.append(line)
+    if base in refusal and not names[1:]:
+        r = refusal[base]
+        out.append(f"== {base}: refuses {_pct(r['harmful_refusal_rate'])} of {r['n_harmful']} harmful prompts, "
+                   f"{_pct(r['benign_refusal_rate'])} of {r['n_benign']} benign look-alikes (no trained model to compare)")
     return out
 
 

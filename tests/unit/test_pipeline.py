@@ -141,19 +141,37 @@ def test_headline_reports_timings_and_the_numbers_that_matter(tmp_path):
         "report": {"seconds": 1.0, "summary": {"report": "runs/x/report/report.html"}},
     }
     (rd.path / "eval").mkdir()
+    from constitutional.eval_math import paired_change
+
+    harmful = paired_change([False] * 9 + [True], [True] * 6 + [False] * 3 + [True])
+    benign = paired_change([False] * 10, [True] + [False] * 9)
     (rd.path / "eval" / "results.json").write_text(json.dumps({
-        "refusal": {"base": {"harmful_refusal_rate": 0.1, "n_harmful": 10, "benign_refusal_rate": 0.0, "n_benign": 10}},
-        "harmlessness": {"elo": {"base": {"elo": 0.0}}}, "helpfulness": {"elo": {"base": {"elo": 0.0}}},
+        "models": ["base", "sl-cai"],
+        "refusal": {"base": {"harmful_refusal_rate": 0.1, "n_harmful": 10, "benign_refusal_rate": 0.0, "n_benign": 10},
+                    "sl-cai": {"harmful_refusal_rate": 0.7, "n_harmful": 10, "benign_refusal_rate": 0.1, "n_benign": 10,
+                               "change": {"harmful": harmful, "benign": benign}}},
+        "harmlessness": {"elo": {"base": {"elo": 0.0}, "sl-cai": {"elo": 12.4}}}, "helpfulness": {"elo": {"base": {"elo": 0.0}, "sl-cai": {"elo": -3.0}}},
+        "judge": {"model": "embedded", "accuracy": 0.52, "ci": [0.4, 0.63], "n": 72, "at_chance": True},
     }))
-    text = "\n".join(headline(rd, ["label", "train-pm", "rl", "eval", "report"]))
+    lines = headline(rd, ["label", "train-pm", "rl", "eval", "report"])
+    text = "\n".join(lines)
+    assert lines[1].startswith("== sl-cai vs base: refuses 10% -> 70% of 10 harmful prompts (+60 points [")  # the verdict comes first
+    assert f"p = {harmful['p_value']:.3f}: significant); over-refuses 0% -> 10% of 10 benign look-alikes (+10 points [" in lines[1]
+    assert "p = 1.000: not significant)" in lines[1]
+    assert "harmlessness Elo +12, helpfulness Elo -3 (judge at chance (52% [40%, 63%] on 72 labelled comparisons, both orders): " \
+           "an Elo from it is no evidence either way)" in lines[1]
     assert "label 10, train-pm 20, rl 30, eval 5, report 1; total 66 s" in text
     assert "labeler position-dominated" in text and "0.64 (untrained head 0.40)" in text
     assert "held-out agreement with the labels 0.00 (2 comparisons)" in text  # 0.0 is a number, not "missing"
     assert "win rate 0.56 [0.39, 0.72]" in text
     assert "DPO (revisions, soft loss, 12 steps): held-out log π(chosen) > log π(rejected) 0.50 -> 0.75 (4 comparisons); " \
            "vs SL-CAI on 8 held-out prompts: win rate 0.60 [0.30, 0.80]" in text and "PM score change" not in text.split("DPO")[1]
-    assert "base: refuses 10% of 10 harmful prompts, 0% of 10 benign look-alikes; harmlessness Elo +0" in text
     assert "report: runs/x/report/report.html" in text
+
+    from constitutional.pipeline import verdict_lines
+
+    alone = verdict_lines({"models": ["base"], "refusal": {"base": {"harmful_refusal_rate": 0.1, "n_harmful": 10, "benign_refusal_rate": 0.0, "n_benign": 10}}})
+    assert alone == ["== base: refuses 10% of 10 harmful prompts, 0% of 10 benign look-alikes (no trained model to compare)"]
 
 
 def test_every_shipped_config_builds(tmp_path):
