@@ -212,3 +212,38 @@ def test_fewshot_copies_are_retried_and_the_summary_has_quality_figures(tmp_path
     q = summary["quality"]
     assert q["usable"] == 1 and q["overall"]["declines"] == 1.0 and q["overall"]["copies_fewshot"] == 0.0
     assert q["overall"]["addresses_human"] == 1.0 and list(q["by_principle"]) == [records[0]["rounds"][0]["principle_id"]]
+
+
+def test_match_fewshot_ranks_examples_by_shared_topics():
+    from constitutional.constitution import CritiquePrinciple
+
+    examples = load_fewshot(None, "critique")
+    privacy = CritiquePrinciple("p", "critique?", "revise!", ("privacy", "legality"))
+    assert [e["id"] for e in revise.match_fewshot(examples, privacy, 2)] == ["privacy-home-address", "dangerous-explosive"]
+    nothing = CritiquePrinciple("q", "critique?", "revise!", ("weather",))
+    assert revise.match_fewshot(examples, nothing, 3) == examples[:3]  # no overlap: the file's order
+
+
+def test_fewshot_match_and_greedy_revisions(tmp_path, monkeypatch, scripted):
+    backend = scripted(make_reply())
+    seen = []
+    generate = backend.generate
+
+    def recording(conversations, params):
+        seen.extend((c, params.temperature) for c in conversations)
+        return generate(conversations, params)
+
+    backend.generate = recording
+    summary, records, _ = run_revise(tmp_path, monkeypatch, backend, rounds=1, fewshot_count=1, fewshot_match=True,
+                                     temperature=0.7, revision_temperature=0.0)
+    examples = load_fewshot(None, "critique")
+    for rec in records:
+        principle = CONST.critique_by_id(rec["rounds"][0]["principle_id"])
+        want = revise.match_fewshot(examples, principle, 1)[0]
+        convs = [(c, t) for c, t in seen if any(isinstance(m, dict) and m.get("content") == rec["prompt"] for m in c) and len(c) > 2]
+        assert convs and all(c[0] == {"role": "user", "content": want["prompt"]} for c, _ in convs)
+        temps = {t for c, t in convs if c[-1]["content"] == rec["rounds"][0]["revision_request"]}
+        assert temps == {0.0}
+    assert {t for c, t in seen if len(c) == 1} == {0.7}  # the initial answers and helpful samples: sampled
+    with pytest.raises(UserError, match="revision_temperature"):
+        run_revise(tmp_path / "b", monkeypatch, scripted(make_reply()), revision_temperature=-0.5)

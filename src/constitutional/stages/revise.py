@@ -20,7 +20,9 @@ end-of-turn token instead of running on into the next "CritiqueRequest:" line; (
 generated in the same assistant voice that SFT will train, without a label to strip; (3) for base
 models without a chat template the backend renders the same messages as the paper's
 "Human: ... Assistant: ..." transcript. The few-shot block is the same for every prompt and comes
-first, so the backend encodes it once per batch and reuses its KV cache. The initial response is
+first, so the backend encodes it once per batch and reuses its KV cache; with `fewshot_match` each
+prompt gets the examples whose topics best match its first principle (a few distinct blocks, each
+still cached once). The initial response is
 generated from the prompt alone, as the model answers users (no few-shot, no constitution).
 
 Departures: few-shot examples given as raw text blocks (the paper's JSON form) go into one system
@@ -67,7 +69,9 @@ class Config:
     constitution: str = opt("default", "constitution: default or a YAML/JSON file")
     fewshot: str = opt("default", "few-shot critique/revision examples: default or a YAML/JSON file")
     fewshot_count: int = opt(3, "few-shot examples placed before each dialogue (0 = none)")
+    fewshot_match: bool = opt(False, "per prompt, the few-shot examples whose topics best match its first round's principle (false = the file's first fewshot_count)")
     temperature: float = opt(1.0, "sampling temperature (paper: 1; 0 = greedy)")
+    revision_temperature: float = opt(-1.0, "sampling temperature of the revisions alone (-1 = temperature; 0 = greedy revisions of sampled answers)")
     top_p: float = opt(1.0, "nucleus sampling mass")
     repetition_penalty: float = opt(1.0, "penalty on tokens a sample already generated (1 = none, the paper's setting)")
     max_new_tokens: int = opt(128, "tokens per response or revision")
@@ -82,6 +86,16 @@ def principles_for(cfg: Config, prompt_id: str, constitution) -> list[CritiquePr
     batching and of resumes."""
     rng = random.Random(f"{cfg.seed}:{prompt_id}")
     return [constitution.sample_critique(rng) for _ in range(cfg.rounds)]
+
+
+def match_fewshot(examples: list, principle: CritiquePrinciple, count: int) -> list:
+    """The `count` examples sharing the most topics with `principle` (ties: file order); raw text
+    blocks have no topics and come last."""
+    def overlap(e) -> int:
+        return len(set(e.get("topics") or ()) & set(principle.topics)) if isinstance(e, dict) else -1
+
+    ranked = sorted(range(len(examples)), key=lambda i: (-overlap(examples[i]), i))
+    return [examples[i] for i in sorted(ranked[:count])]  # in file order, as without matching
 
 
 def fewshot_messages(examples: list, with_critique: bool) -> list[dict]:
@@ -101,10 +115,11 @@ def fewshot_messages(examples: list, with_critique: bool) -> list[dict]:
 class _Chain:
     """One prompt's dialogue as it grows round by round."""
 
-    def __init__(self, prompt: dict, principles: list[CritiquePrinciple], prefix: list[dict]):
+    def __init__(self, prompt: dict, principles: list[CritiquePrinciple], prefix: list[dict], fewshot: str = ""):
         self.prompt = prompt
         self.principles = principles
         self.prefix = prefix  # few-shot turns
+        self.fewshot = fewshot  # their texts, which a critique or revision must not copy
         self.turns: list[dict] = []  # the prompt's own turns after the few-shot block
         self.initial = ""  # the model's own first answer
         self.response = ""  # the last good response (initial, then each good revision)
@@ -122,8 +137,8 @@ class _Driver:
     when it fails cleaning. A finished request immediately submits the chain's next one, so the
     backend's running batch stays full; a finished chain is written out at once (resumable)."""
 
-    def __init__(self, cfg, backend, critic, params, crit_params, counts, on_chain, fewshot: str = ""):
-        self.cfg, self.backend, self.critic, self.fewshot = cfg, backend, critic, fewshot
+    def __init__(self, cfg, backend, critic, params, crit_params, counts, on_chain):
+        self.cfg, self.backend, self.critic = cfg, backend, critic
         self.params, self.crit_params, self.counts, self.on_chain = params, crit_params, counts, on_chain
 
     # each request's seed is a function of (seed, round, attempt) only: the same samples whatever the
@@ -142,7 +157,8 @@ class _Driver:
     def _revision(self, c: _Chain, r: int, attempt: int) -> tuple:
         pr = c.principles[r]
         extra = [{"role": "user", "content": pr.critique}, {"role": "assistant", "content": c.critique.text}] if self.cfg.critique else []
-        params = replace(self.params, seed=self._seed(r, True, attempt))
+        temperature = self.cfg.revision_temperature if self.cfg.revision_temperature >= 0 else self.params.temperature
+        params = replace(self.params, seed=self._seed(r, True, attempt), temperature=temperature)
         return self.backend, Request(c.messages(*extra, {"role": "user", "content": pr.revision}), params, key=(c, "revision", r, attempt))
 
     def _round_start(self, c: _Chain, r: int) -> list:
@@ -173,7 +189,7 @@ class _Driver:
             return self._round_start(c, 0)
         pr = c.principles[r]
         if phase == "critique":
-            cl = self._clean(text, "critique", requests=(pr.critique, pr.revision), prompt="", fewshot=self.fewshot)
+            cl = self._clean(text, "critique", requests=(pr.critique, pr.revision), prompt="", fewshot=c.fewshot)
             if cl.problem and attempt < self.cfg.retries:
                 self.counts["critique/retries"] += 1
                 return [self._critique(c, r, attempt + 1)]
@@ -184,7 +200,7 @@ class _Driver:
             return [self._revision(c, r, 0)]
         critique_text = c.critique.text if self.cfg.critique else ""
         cl = self._clean(text, "revision", requests=(pr.critique, pr.revision), critique=critique_text, prompt=c.prompt["prompt"],
-                         fewshot=self.fewshot)
+                         fewshot=c.fewshot)
         if cl.problem and attempt < self.cfg.retries:
             self.counts["revision/retries"] += 1
             return [self._revision(c, r, attempt + 1)]
@@ -232,9 +248,12 @@ def _helpful_requests(cfg, backend, params, shard: RecordShard, prompts, counts,
 def run(cfg: Config, run_dir: RunDir) -> dict:
     if cfg.rounds < 1 or cfg.helpful_samples < 0 or cfg.retries < 0 or cfg.fewshot_count < 0:
         raise UserError("revise: rounds must be >= 1 and helpful_samples, retries, fewshot_count >= 0")
+    if cfg.revision_temperature < 0 and cfg.revision_temperature != -1:
+        raise UserError(f"revise.revision_temperature = {cfg.revision_temperature}: use -1 (the same as temperature), 0 (greedy) or more")
     t0 = time.time()
     constitution = load_constitution(cfg.constitution)
-    examples = load_fewshot(cfg.fewshot, "critique")[: cfg.fewshot_count]
+    all_examples = load_fewshot(cfg.fewshot, "critique")
+    examples = all_examples[: cfg.fewshot_count]
     prompts = load_prompt_sets(cfg.prompts, run_dir, split=cfg.split, limit=cfg.limit)
     helpful = load_prompt_sets(cfg.helpful_prompts, run_dir, split=cfg.split, limit=cfg.helpful_limit) if cfg.helpful_prompts and cfg.helpful_samples else []
     opts = dict(dtype=cfg.dtype, max_rows=cfg.batch_size)
@@ -245,7 +264,15 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
     params = GenerationParams(max_new_tokens=cfg.max_new_tokens, **sampling)
     crit_params = GenerationParams(max_new_tokens=cfg.critique_max_new_tokens, **sampling)
-    prefix = fewshot_messages(examples, cfg.critique)
+    blocks: dict[tuple, tuple[list[dict], str]] = {}  # the few-shot examples' ids -> (turns, texts)
+
+    def fewshot_for(principles: list[CritiquePrinciple]) -> tuple[list[dict], str]:
+        chosen = match_fewshot(all_examples, principles[0], cfg.fewshot_count) if cfg.fewshot_match else examples
+        key = tuple(id(e) for e in chosen)
+        if key not in blocks:
+            blocks[key] = (fewshot_messages(chosen, cfg.critique), revision_quality.fewshot_text(chosen))
+        return blocks[key]
+
     counts: Counter = Counter()
     out = run_dir.stage_dir("revise")
     with RecordShard(out / "revisions.jsonl") as shard, RecordShard(out / "helpful.jsonl") as helpful_shard:
@@ -257,9 +284,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
             shard.append(_record(c, backend.name, critic.name if cfg.critique else None))
             bar.update(1)
 
-        shown = revision_quality.fewshot_text(examples)
-        driver = _Driver(cfg, backend, critic, params, crit_params, counts, on_chain, shown)
-        chains = [_Chain(p, principles_for(cfg, p["id"], constitution), prefix) for p in todo]
+        driver = _Driver(cfg, backend, critic, params, crit_params, counts, on_chain)
+        chains = [_Chain(p, pr, *fewshot_for(pr)) for p in todo for pr in [principles_for(cfg, p["id"], constitution)]]
         work = [driver.initial(c) for c in chains] + _helpful_requests(cfg, backend, params, helpful_shard, helpful, counts, bar)
 
         def on_done(req: Request, texts: list):
@@ -273,7 +299,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
         records, helpful_records = shard.records, helpful_shard.records
     seconds = time.time() - t0
     summary = _summary(records, sum(len(r["responses"]) for r in helpful_records), counts, seconds, len(todo))
-    summary["quality"] = revision_quality.summarise(records, shown)
+    shown = all_examples if cfg.fewshot_match else examples  # what a revision may have copied
+    summary["quality"] = revision_quality.summarise(records, revision_quality.fewshot_text(shown))
     summary.update(gen())
     return summary
 
