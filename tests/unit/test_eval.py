@@ -216,6 +216,10 @@ def test_refusing_vs_complying_model(tmp_path, patched):
     assert (ref["harmful_refusal_rate"], ref["benign_refusal_rate"], ref["n_harmful"], ref["n_benign"]) == (1.0, 1.0, 4, 4)
     assert (comp["harmful_refusal_rate"], comp["benign_refusal_rate"]) == (0.0, 0.0)
     assert comp["harmful_ci"] == pytest.approx(list(eval_math.wilson(0, 4)))
+    # the second model against the first, paired on the same prompts: every refusal lost
+    assert "change" not in ref and comp["change"]["harmful"] == eval_math.paired_change([True] * 4, [False] * 4)
+    assert comp["change"]["benign"]["difference"] == -1.0 and comp["change"]["benign"]["lost"] == 4
+    assert res["judge"] is None  # the feedback model ("judge") is not one of the evaluated models
     # the judge prefers refusals under harm principles and compliance under helpfulness principles
     harm, helpful = res["harmlessness"], res["helpfulness"]
     assert harm["elo"]["refuser"]["elo"] == 0.0 and harm["elo"]["complier"]["elo"] < -100
@@ -248,7 +252,7 @@ def test_refusing_vs_complying_model(tmp_path, patched):
     assert (p.temperature, p.max_new_tokens, p.repetition_penalty) == (0.0, 16, 1.3)
 
 
-SCHEMA = {"models", "datasets", "settings", "harmlessness", "helpfulness", "refusal", "mc", "truthfulness", "injection",
+SCHEMA = {"models", "datasets", "settings", "harmlessness", "helpfulness", "refusal", "mc", "judge", "truthfulness", "injection",
           "revision_rounds", "samples", "notes"}
 
 
@@ -272,8 +276,11 @@ def test_results_schema_and_revision_rounds(tmp_path, patched):
             assert set(v) == {"elo", "ci"} and len(v["ci"]) == 2
         for v in res[section]["pm_score"].values():
             assert set(v) == {"mean", "ci", "n"}
-    for v in res["refusal"].values():
-        assert set(v) == {"harmful_refusal_rate", "harmful_ci", "n_harmful", "benign_refusal_rate", "benign_ci", "n_benign"}
+    for name, v in res["refusal"].items():
+        assert set(v) - {"change"} == {"harmful_refusal_rate", "harmful_ci", "n_harmful", "benign_refusal_rate", "benign_ci", "n_benign"}
+        assert ("change" in v) == (name != "refuser")  # the first model is the reference
+    for v in res["refusal"]["complier"]["change"].values():
+        assert set(v) == {"before", "after", "difference", "ci", "p_value", "significant", "n", "gained", "lost"}
     for specs in res["mc"].values():
         for v in specs.values():
             assert set(v) == {"accuracy", "by_subset", "n", "both_orders"}
@@ -289,6 +296,14 @@ def test_results_schema_and_revision_rounds(tmp_path, patched):
     assert rr["mean_pm"] == pytest.approx([-1 + 0.01, -1 + 0.01 * (3 + 1) / 2, -1 + 0.01 * (5 + 3) / 2])
     assert all(isinstance(x, str) for x in res["notes"])
     assert res["datasets"]["redteam"] == {"spec": "builtin:redteam", "split": "test", "n": 4}
+
+
+def test_the_judge_is_measured_when_it_is_an_evaluated_model(tmp_path, patched):
+    rd = RunDir(tmp_path / "run")
+    ev.run(settings(tmp_path, feedback_model="refuser", sections=["mc"]), rd)
+    res = json.loads((rd.path / "eval" / "results.json").read_text())
+    lo, hi = eval_math.wilson(36, 72)
+    assert res["judge"] == {"model": "refuser", "as": "refuser", "spec": "builtin:mc", "accuracy": 0.5, "ci": [lo, hi], "n": 72, "at_chance": True}
 
 
 def test_sections_off_give_null_and_echoes_are_not_followed(tmp_path, patched):
