@@ -14,7 +14,8 @@ import torch
 from constitutional.backends.base import GenerationParams
 from constitutional.backends.hf import HFBackend
 from constitutional import distill_math
-from constitutional.context import PromptedBackend, load_context
+from constitutional.backends.prompted import PromptedBackend
+from constitutional.context import load_context
 from constitutional.data.loaders import load_prompts
 from constitutional.errors import UserError
 from constitutional.run import RecordShard, RunDir

@@ -79,7 +79,7 @@ def test_quickstart_skips_unbuilt_stages_and_names_them(tmp_path, tiny_model_dir
 def test_resolve_model_prefers_this_runs_trained_model(tmp_path, tiny_model_dir):
     import shutil
 
-    from constitutional.backends.base import model_path
+    from constitutional.backends import model_path
     from constitutional.run import RunDir
     from constitutional.stages import resolve_model
 

@@ -2,7 +2,7 @@
 
 Seeds: "Dialogue prompting versus Fine-Tuning on Instructions/Context" and "Context distillation";
 paper: Askell et al. 2021 (arXiv 2112.00861), context distillation (p. 10) and Figure 2 (p. 5: no
-intervention vs prompted vs context distilled on HHH evaluations). The teacher is the model with C (`context.PromptedBackend`), p0(y | C, x); the student starts
+intervention vs prompted vs context distilled on HHH evaluations). The teacher is the model with C (`backends.prompted.PromptedBackend`), p0(y | C, x); the student starts
 as the same model and sees the prompt x only. The loss is the token-level KL over the full
 vocabulary, teacher first, on the response tokens only (prompt and padding masked):
 
@@ -75,7 +75,8 @@ from tqdm import tqdm
 from ..backends import GenerationParams, load_backend
 from ..backends.base import Request, run_queue
 from ..config import opt, to_dict
-from ..context import PromptedBackend, load_context
+from ..backends.prompted import PromptedBackend
+from ..context import load_context
 from ..data.loaders import load_mc
 from ..errors import UserError
 from ..run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now
@@ -236,11 +237,11 @@ class Teacher:
     def __init__(self, model, examples: Sequence[Example], pad_id: int):
         import torch
 
-        from ..backends.hf import _lcp
+        from ..backends.hf_cache import lcp
 
         self.model, self.pad_id = model, pad_id
         prompts = [e.teacher_ids[: e.teacher_start] for e in examples]
-        self.prefix = list(prompts[0][: min(_lcp(prompts), min(len(p) for p in prompts) - 1)])
+        self.prefix = list(prompts[0][: min(lcp(prompts), min(len(p) for p in prompts) - 1)])
         self.cache = None
         if self.prefix:
             with torch.no_grad():

@@ -192,7 +192,7 @@ def check_tokenizers(policy: str, reference: str) -> None:
     """The reference must read the policy's token ids as the same tokens: equal vocabularies."""
     from transformers import AutoTokenizer
 
-    from ..backends.base import model_path
+    from ..backends import model_path
 
     vocabs = []
     for spec, setting in ((policy, "dpo.policy"), (reference, "dpo.reference")):
@@ -405,7 +405,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     if reference != policy:
         check_tokenizers(policy, reference)
 
-    from ..backends.base import model_path
+    from ..backends import model_path
 
     out = run_dir.stage_dir(STAGE)
     checkpoint_dir = out / "checkpoints"

@@ -591,7 +591,7 @@ def run(cfg: Config, run_dir: RunDir, reward_fn: ScoreFn | None = None) -> dict:
     policy = resolve_model(cfg.policy, run_dir)
 
     # A checkpoint or a trained model is only valid for the prompts and models it was trained with.
-    from ..backends.base import model_path
+    from ..backends import model_path
 
     fingerprint, checkpoint_dir = _fingerprint(rows, _model_stamp(model_path(policy)), reward_stamp), out / "checkpoints"
     stamp = checkpoint_dir / "inputs.sha256"
