@@ -263,7 +263,7 @@ def build_trainer(cfg: Config, rows: list[dict], heldout_rows: list[dict], polic
     trainer = SoftDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset(rows),
                              eval_dataset=dataset(heldout_rows) if heldout_rows else None, processing_class=tokenizer,
                              peft_config=lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None,
-                             callbacks=[rl._on_log_callback(c) for c in callbacks], hard=cfg.loss == "sigmoid")
+                             callbacks=[rl.on_log_callback(c) for c in callbacks], hard=cfg.loss == "sigmoid")
     trainer.speed_facts = facts
     return trainer
 
@@ -305,7 +305,7 @@ def train(cfg: Config, run_dir: RunDir, data: tuple, policy: str, reference: str
         seconds = time.time() - t0
         records = list(shard.records)
     steps, tail = trainer.state.global_step, records[-max(1, len(records) // 10):]
-    mean = lambda key, rs: rl._mean([r[key] for r in rs])  # noqa: E731
+    mean = lambda key, rs: rl.mean([r[key] for r in rs])  # noqa: E731
     held, collator = trainer.eval_dataset, trainer.data_collator
     summary = {
         "policy": policy, "reference": reference, "data": cfg.data, "loss": cfg.loss, "beta": cfg.beta,
@@ -409,8 +409,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
 
     out = run_dir.stage_dir(STAGE)
     checkpoint_dir = out / "checkpoints"
-    fingerprint = rl._fingerprint([(s, dataclasses.asdict(c)) for s, c in data[0] + data[1]],
-                                  rl._model_stamp(model_path(policy)), rl._model_stamp(model_path(reference)))
+    fingerprint = rl.inputs_fingerprint([(s, dataclasses.asdict(c)) for s, c in data[0] + data[1]],
+                                  rl.model_stamp(model_path(policy)), rl.model_stamp(model_path(reference)))
     keep_matching_checkpoints(out, checkpoint_dir / "inputs.sha256", fingerprint, STAGE, "inputs")
     done = json.loads((out / "train.json").read_text()) if (out / "train.json").is_file() else {}
     if done.get("fingerprint") == fingerprint and (out / "model" / "config.json").is_file():
