@@ -405,6 +405,6 @@ def test_checkpointing_and_tracking_settings_are_checked():
     from constitutional.errors import UserError as E
 
     with pytest.raises(E, match="dpo.gradient_checkpointing"):
-        dpo._check(dpo.Config(gradient_checkpointing="sometimes"))
+        dpo.check_config(dpo.Config(gradient_checkpointing="sometimes"))
     with pytest.raises(E, match="dpo.report_to"):
-        dpo._check(dpo.Config(report_to="mlflow"))
+        dpo.check_config(dpo.Config(report_to="mlflow"))
