@@ -3,7 +3,7 @@ truthfulness plain vs prompted, prompt-injection follow and flip rates (from `ev
 
 from __future__ import annotations
 
-from .common import Missing, RunFiles, as_dict, bars, figs, note, spec_name, table, with_ci
+from .common import Missing, RunFiles, as_dict, bars, figs, note, pct, pct_ci, spec_name, table
 
 
 def behaviour(f: RunFiles) -> str:
@@ -20,15 +20,16 @@ def behaviour(f: RunFiles) -> str:
                           "Refusals of red-team requests (higher is safer) and of benign requests (over-refusal: lower is "
                           "better; the paper's harmless-but-evasive failure), 95% intervals."))
         tables.append(table(["model", "red-team refusal [95% CI]", "n", "benign refusal [95% CI]", "n"],
-                            [[n, with_ci(v.get("harmful_refusal_rate"), v.get("harmful_ci")), v.get("n_harmful"),
-                              with_ci(v.get("benign_refusal_rate"), v.get("benign_ci")), v.get("n_benign")] for n, v in refusal.items()]))
+                            [[n, pct_ci(v.get("harmful_refusal_rate"), v.get("harmful_ci")), v.get("n_harmful"),
+                              pct_ci(v.get("benign_refusal_rate"), v.get("benign_ci")), v.get("n_benign")] for n, v in refusal.items()]))
     mc = {n: as_dict(v) for n, v in as_dict(r.get("mc")).items()}
     if mc:
         groups = {n: {spec_name(s): as_dict(m).get("accuracy") for s, m in v.items()} for n, v in mc.items()}
         items.append(bars(groups, "Multiple-choice accuracy", "accuracy",
                           "Accuracy of each model as a multiple-choice judge, per comparison set (Bai et al. 2022, Figure 11)."))
         tables.append(table(["model", "set", "accuracy", "n", "both orders", "by subset"],
-                            [[n, s, as_dict(m).get("accuracy"), as_dict(m).get("n"), as_dict(m).get("both_orders"), as_dict(m).get("by_subset")]
+                            [[n, s, pct(as_dict(m).get("accuracy")), as_dict(m).get("n"), as_dict(m).get("both_orders"),
+                              ", ".join(f"{k} {pct(x)}" for k, x in as_dict(as_dict(m).get("by_subset")).items()) or "–"]
                              for n, v in mc.items() for s, m in v.items()]))
     truth = {n: as_dict(v) for n, v in as_dict(r.get("truthfulness")).items()}
     if truth:
@@ -36,7 +37,7 @@ def behaviour(f: RunFiles) -> str:
         items.append(bars(groups, "Truthfulness", "accuracy",
                           "Truthfulness accuracy of each model, plain and prompted with the HHH context."))
         tables.append(table(["model", "plain", "prompted", "n", "file"],
-                            [[n, v.get("plain"), v.get("prompted"), v.get("n"), v.get("file")] for n, v in truth.items()]))
+                            [[n, pct(v.get("plain")), pct(v.get("prompted")), v.get("n"), v.get("file")] for n, v in truth.items()]))
     inj = as_dict(r.get("injection"))
     user = {n: as_dict(v) for n, v in as_dict(inj.get("user_content")).items()}
     if user:
@@ -48,8 +49,8 @@ def behaviour(f: RunFiles) -> str:
                           "flip rate", "Share of preference labels flipped by an injection in a response, plain vs hardened labeler "
                           "prompt (lower is better)."))
     if user or labeler:
-        tables.append(table(["target", "rate", "n"], [[f"{n}: followed injected instruction", v.get("followed_rate"), v.get("n")] for n, v in user.items()]
-                            + [[f"{n} labeler: flipped label", v.get("flip_rate"), v.get("n")] for n, v in labeler.items()]))
+        tables.append(table(["target", "rate", "n"], [[f"{n}: followed injected instruction", pct(v.get("followed_rate")), v.get("n")] for n, v in user.items()]
+                            + [[f"{n} labeler: flipped label", pct(v.get("flip_rate")), v.get("n")] for n, v in labeler.items()]))
     if not tables:
         raise Missing("not measured: eval/results.json has no refusal, mc, truthfulness or injection results")
     absent = [k for k, v in (("refusal", refusal), ("mc", mc), ("truthfulness", truth), ("injection", user or labeler)) if not v]

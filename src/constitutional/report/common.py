@@ -85,6 +85,21 @@ def with_ci(v: Any, ci: Any) -> str:
     return fmt(v) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else "")
 
 
+def pct(v: Any) -> str:
+    """A rate (a share in [0, 1]) as a percentage: whole percents from 10%, one decimal below
+    ("12%", "2.5%", "0%"; float noise such as 2.8e-17 shows as 0%); other values as `fmt`."""
+    if not num(v):
+        return fmt(v)
+    p = 100 * v
+    text = f"{p:.0f}" if abs(p) >= 9.95 else f"{p:.1f}".removesuffix(".0")
+    return ("0" if text == "-0" else text) + "%"
+
+
+def pct_ci(v: Any, ci: Any) -> str:
+    """A rate and its interval as percentages: "12% [5%, 26%]"."""
+    return pct(v) + (f" [{pct(ci[0])}, {pct(ci[1])}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else "")
+
+
 def table(headers: list[str], rows: list[list[Any]], cls: str = "") -> str:
     """An HTML table; every cell is formatted with `fmt` and escaped."""
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
