@@ -115,9 +115,11 @@ def build_trainer(cfg: Config, rows: list[dict], heldout_rows: list[dict], polic
         max_length=cfg.max_length,
         beta=cfg.beta,
         disable_dropout=True,  # policy and reference must score the same tokens identically
+        # transformers 5's name for gradient_checkpointing (TRL's default: on); set here, in the
+        # constructor, so the deprecated alias is never read (it warns when the new name is unset)
+        activation_checkpointing=on,
+        activation_checkpointing_kwargs={"use_reentrant": False} if on else None,
     )
-    args.activation_checkpointing = on
-    args.activation_checkpointing_kwargs = {"use_reentrant": False} if on else None
 
     def dataset(pairs):
         return Dataset.from_list([{**preference_row(tokenizer, c.messages, c.chosen, c.rejected, c.p_chosen), "id": c.id, "source": s} for s, c in pairs])
