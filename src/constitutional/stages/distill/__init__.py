@@ -282,7 +282,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
                      "distill.gradient_checkpointing", held=sum(4 * p.numel() for p in student.parameters()), limit_mb=cfg.memory_mb)
     checkpointing, speed_facts = plan.checkpointing, plan.facts
     if checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # transformers 5 name
     fingerprint = _fingerprint(examples, cfg)
     before_path = out / "eval_before.json"
     before = json.loads(before_path.read_text(encoding="utf-8")) if before_path.is_file() else None
@@ -324,7 +324,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
         "model": str(out / "model"),
     }
     if checkpointing:
-        student.gradient_checkpointing_disable()
+        student.activation_checkpointing_disable()
     distilled_model = student.merge_and_unload() if cfg.lora else student
     save_model(SimpleNamespace(model=distilled_model, processing_class=backend.tokenizer), out / "model", model_card(cfg, summary))
     if items:  # the paper's three bars: no intervention, prompted, context distilled
