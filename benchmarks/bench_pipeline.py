@@ -69,14 +69,21 @@ eval:
 DRIVER = r"""
 import json, sys, time
 import constitutional.backends as backends
-import constitutional.backends.base as base
 created = []
-orig = base.load_backend
+orig = backends.load_backend
 def load_backend(*a, **k):
     b = orig(*a, **k)
     created.append(b)
     return b
-base.load_backend = backends.load_backend = load_backend
+backends.load_backend = load_backend
+import importlib
+for where in ("registry", "base"):  # where the code version resolves model strings (prompted: models recurse there)
+    try:
+        module = importlib.import_module(f"constitutional.backends.{where}")
+    except ImportError:
+        continue
+    if hasattr(module, "load_backend"):
+        module.load_backend = load_backend
 stage, run_dir, config = sys.argv[1:4]
 import importlib
 from constitutional.stages import BY_NAME

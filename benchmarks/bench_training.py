@@ -88,7 +88,7 @@ def bench_sft(model: str, ours: bool, steps: int, work: Path, memory_mb: int):
 def bench_pm(model: str, ours: bool, steps: int, work: Path, memory_mb: int):
     from transformers import AutoTokenizer
 
-    from constitutional.backends.base import model_path
+    from constitutional.backends import model_path
     from constitutional.preference_model import preference_row
     from constitutional.stages import preference
 
@@ -119,7 +119,8 @@ def bench_rl(model: str, ours: bool, steps: int, work: Path, memory_mb: int):
 
 def bench_distill(model: str, ours: bool, steps: int, work: Path, memory_mb: int):
     from constitutional.backends import load_backend
-    from constitutional.context import PromptedBackend, load_context
+    from constitutional.backends.prompted import PromptedBackend
+    from constitutional.context import load_context
     from constitutional.stages import distill
     from constitutional.training import plan_step, training_dtype
 

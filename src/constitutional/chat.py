@@ -13,7 +13,7 @@ each of the others the run has.
 Every model keeps its own conversation: the user's turns and its own answers. Each answer streams as
 it is generated: for a local (`hf`) model through transformers' `TextIteratorStreamer` and
 `model.generate` on the backend's own chat rendering (for `prompted:` models, the conversation with C
-applied as `context.PromptedBackend` does); other backends (`openai:`) answer with one `generate`
+applied as `backends.prompted.PromptedBackend` does); other backends (`openai:`) answer with one `generate`
 call, printed when it returns. Control characters in an answer (a terminal escape, say) are shown
 as U+FFFD, never sent to the terminal. Decoding is greedy unless `--temperature` is above 0 (then sampled
 with `--top-p`, seeded by `--seed` for each answer). In the session `/reset` starts over, `/system
@@ -28,7 +28,7 @@ import threading
 from pathlib import Path
 from typing import Iterator, TextIO
 
-from .backends.base import GenerationParams, load_backend
+from .backends import GenerationParams, load_backend
 from .errors import UserError
 
 RUN_MODELS = {"sl-cai": "sft", "rl-cai": "rl", "dpo": "dpo", "distilled": "distill"}
@@ -51,7 +51,8 @@ def _manifest(run_dir: Path | None) -> dict:
 
 def resolve(name: str, run_dir: Path | None) -> str:
     """The model string for `name` (a run-relative name, `prompted:<name>`, or a model string as is)."""
-    from .context import BUILTIN, parse_prompted
+    from .backends.prompted import parse_prompted
+    from .context import BUILTIN
 
     name = name.strip()
     if name.startswith("prompted:"):
@@ -83,7 +84,7 @@ def default_models(run_dir: Path | None) -> list[str]:
 def stream(backend, conversation: list[dict], params: GenerationParams, stop: threading.Event | None = None) -> Iterator[str]:
     """The answer of `backend` to `conversation`, piece by piece (see the module docstring)."""
     from .backends.hf import HFBackend
-    from .context import PromptedBackend
+    from .backends.prompted import PromptedBackend
 
     inner, messages = backend, conversation
     if isinstance(backend, PromptedBackend):

@@ -31,8 +31,6 @@ def _settings_help(st) -> str | None:
     from . import stages
 
     module = stages.load(st.name)
-    if module is None:
-        return f"Not built yet (issue {st.issue})."
     from .config import field_help
 
     rows = [f"  {name} = {default!r}: {help}" for name, default, help in field_help(module.Config)]
@@ -56,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
     fmt = argparse.RawDescriptionHelpFormatter
     for st in STAGES:
-        p = sub.add_parser(st.name, help=st.help + ("" if st.module else f"  [not built yet: issue {st.issue}]"), description=st.help, epilog=_settings_help(st), formatter_class=fmt)
+        p = sub.add_parser(st.name, help=st.help, description=st.help, epilog=_settings_help(st), formatter_class=fmt)
         _stage_args(p)
     p = sub.add_parser("run", help="run the stages of a pipeline YAML in order", description="run the stages of a pipeline YAML in order")
     p.add_argument("config", help="pipeline YAML (see configs/quickstart.yaml)")

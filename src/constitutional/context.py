@@ -11,7 +11,7 @@ human and a helpful, honest, harmless assistant. The built-in one is `data/hhh_c
 - TXT, the paper's form: instructions, then the dialogues as transcripts, separated by lines of
   dashes (`-----`), which is also what `Context.text()` writes.
 
-How C is placed (`PromptedBackend`, model string `prompted:<model>` / `prompted:<context>#<model>`):
+How C is placed (`backends/prompted.py`'s `PromptedBackend`, model string `prompted:<model>` / `prompted:<context>#<model>`):
 
 - Chat conversations (`generate`, `render_chat`): C's instructions become the system message and
   its examples earlier user/assistant turns, followed by the conversation. Examples as real turns
@@ -43,9 +43,8 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-from .backends.base import Conversation, GenerationParams, Message, as_messages
+from .backends.base import Conversation, Message, as_messages
 from .config import load_yaml
 from .constitution import builtin_path
 from .data.loaders import parse_transcript, to_transcript
@@ -54,7 +53,6 @@ from .errors import UserError
 BUILTIN = "builtin"
 SEPARATOR = "-----"
 _SEPARATOR_LINE = re.compile(r"^\s*-{3,}\s*$", re.MULTILINE)
-_PROBE = "[constitutional: is the system message kept?]"
 
 
 @dataclass(frozen=True)
@@ -175,69 +173,3 @@ def load_context(spec: str | Path = BUILTIN) -> Context:
     if not ctx.instructions and not ctx.examples:
         raise UserError(f"context {spec!r}: empty context (no instructions and no example dialogues); write some, or use `builtin`")
     return Context(ctx.name, source or ctx.source, ctx.instructions, ctx.examples)
-
-
-class PromptedBackend:
-    """The prompted model: any backend with the context C in front of every request (the backend
-    protocol of `backends/base.py`; placement in the module docstring)."""
-
-    def __init__(self, backend, context: Context, name: str | None = None):
-        if isinstance(backend, PromptedBackend):
-            raise UserError("a prompted model cannot be prompted again; give one context")
-        self.backend = backend
-        self.context = context
-        self.name = name or f"prompted:{backend.name}"
-        probe = backend.render_chat([{"role": "system", "content": _PROBE}, {"role": "user", "content": "x"}])
-        self.system_kept = _PROBE in probe
-
-    @property
-    def dtype(self):
-        return getattr(self.backend, "dtype", None)
-
-    def messages(self, conversation: Conversation) -> list[Message]:
-        """The chat messages the wrapped backend receives for `conversation`."""
-        return self.context.apply(conversation, self.system_kept)
-
-    def prompt(self, prompt: str) -> str:
-        """The raw text the wrapped backend receives for a raw-text `prompt`."""
-        return self.context.text() + prompt
-
-    def render_chat(self, conversation: Conversation, add_generation_prompt: bool = True) -> str:
-        return self.backend.render_chat(self.messages(conversation), add_generation_prompt)
-
-    def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[str]:
-        return self.backend.generate([self.messages(c) for c in conversations], params)
-
-    def schedule(self, requests, on_done) -> None:
-        """`base.run_queue` through the wrapped backend, each conversation with C in front."""
-        from .backends.base import Request, run_queue
-
-        def inner_done(req, completions):
-            more = on_done(req.key, completions)
-            return [wrap(r) for r in more] if more else None
-
-        def wrap(r):
-            return Request(self.messages(r.conversation), r.params, key=r)
-
-        run_queue(self.backend, [wrap(r) for r in requests], inner_done)
-
-    def option_logprobs(self, prompts: Sequence[str], options: Sequence[Sequence[str]]) -> list[list[float]]:
-        return self.backend.option_logprobs([self.prompt(p) for p in prompts], options)
-
-    def sequence_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:
-        return self.backend.sequence_logprobs([self.prompt(p) for p in prompts], continuations)
-
-
-def parse_prompted(model: str) -> tuple[str, str]:
-    """`prompted:<model>` -> ("builtin", model); `prompted:<context file>#<model>` -> (file, model).
-    A model string that itself contains '#' (openai:URL#model) needs the context part."""
-    rest = model[len("prompted:"):].strip()
-    context, sep, inner = rest.partition("#")
-    if not sep or rest.startswith("openai:"):
-        context, inner = BUILTIN, rest
-    context, inner = context.strip(), inner.strip()
-    if not inner or not context:
-        raise UserError(f"model {model!r}: expected prompted:<model> or prompted:<context file>#<model>, e.g. prompted:embedded")
-    if inner.startswith("prompted:"):
-        raise UserError(f"model {model!r}: a prompted model cannot be prompted again; give one context")
-    return context, inner

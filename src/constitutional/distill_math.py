@@ -2,7 +2,7 @@
 and the student without it, over the full vocabulary or the teacher's top k plus one bucket.
 
 Direction: teacher first, KL(p0(·|C,x,y<t) ‖ pθ(·|x,y<t)) (seed 000, "context distillation"): the
-student is pushed to cover what the teacher puts mass on. Used by `stages/distill.py`.
+student is pushed to cover what the teacher puts mass on. Used by `stages/distill/`.
 """
 
 from __future__ import annotations

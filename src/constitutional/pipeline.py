@@ -52,9 +52,6 @@ def split_pipeline(data: dict, source: str) -> tuple[PipelineConfig, dict[str, d
 
 def stage_config(name: str, section: dict, pipe: PipelineConfig, source: str):
     module = stages.load(name)
-    info = stages.BY_NAME[name]
-    if module is None:
-        raise UserError(f"{source}: stage {name!r} is not built yet (issue {info.issue}); remove it from stages")
     fields = {f.name: f.default for f in dataclasses.fields(module.Config)}
     # `model` is the run's starting model; a stage whose model defaults to `auto` (this run's
     # trained model, see stages.resolve_model) keeps that default.
@@ -125,9 +122,6 @@ def release_memory() -> None:
 
 
 def cmd_stage(args) -> int:
-    info = stages.BY_NAME[args.command]
-    if stages.load(args.command) is None:
-        raise UserError(f"cai {args.command}: this stage is not built yet (issue {info.issue}); `cai --help` shows what is built")
     data = load_yaml(args.config) if args.config else {}
     source = args.config or "defaults"
     pipe, sections = split_pipeline(data, source)
@@ -150,7 +144,7 @@ def cmd_stage(args) -> int:
     return 0
 
 
-def _run_pipeline(data: dict, source: str, overrides: list[str], run_dir_arg: str | None, force: bool, skip_unbuilt: bool) -> int:
+def _run_pipeline(data: dict, source: str, overrides: list[str], run_dir_arg: str | None, force: bool) -> int:
     if distributed.world_size() > 1:
         raise UserError(
             "cai run/quickstart: a pipeline runs in one process; under accelerate launch/torchrun run the training "
@@ -160,25 +154,13 @@ def _run_pipeline(data: dict, source: str, overrides: list[str], run_dir_arg: st
     pipe, sections = split_pipeline(data, source)
     if not pipe.stages:
         raise UserError(f"{source}: stages is empty; list the stages to run, e.g. stages: [revise, sft]")
-    planned, missing = [], []
-    for name in pipe.stages:
-        if stages.load(name) is None:
-            if not skip_unbuilt:
-                raise UserError(f"{source}: stage {name!r} is not built yet (issue {stages.BY_NAME[name].issue}); remove it from stages")
-            missing.append(name)
-            continue
-        planned.append((name, *stage_config(name, sections.get(name, {}), pipe, source)))
+    planned = [(name, *stage_config(name, sections.get(name, {}), pipe, source)) for name in pipe.stages]
     run_dir = RunDir(run_dir_arg or pipe.run_dir)
     with run_dir.locked():
         run_dir.manifest["pipeline"] = {"source": source, "stages": pipe.stages, "seed": pipe.seed, "model": pipe.model}
         run_dir.save()
         for name, module, cfg in planned:
             run_stage(name, module, cfg, run_dir, force)
-    if missing:
-        print(
-            "not built yet, skipped: " + ", ".join(f"{m} (issue {stages.BY_NAME[m].issue})" for m in missing),
-            file=sys.stderr,
-        )
     for line in headline(run_dir, [name for name, _, _ in planned]):
         print(line)
     print(f"run directory: {run_dir.path}", file=sys.stderr)
@@ -290,7 +272,7 @@ def verdict_lines(res: dict) -> list[str]:
 
 
 def cmd_run(args) -> int:
-    return _run_pipeline(load_yaml(args.config), args.config, args.set, args.run_dir, args.force, skip_unbuilt=False)
+    return _run_pipeline(load_yaml(args.config), args.config, args.set, args.run_dir, args.force)
 
 
 def quickstart_config_path() -> Path:
@@ -299,4 +281,4 @@ def quickstart_config_path() -> Path:
 
 def cmd_quickstart(args) -> int:
     path = quickstart_config_path()
-    return _run_pipeline(load_yaml(path), "quickstart", args.set, args.run_dir, args.force, skip_unbuilt=True)
+    return _run_pipeline(load_yaml(path), "quickstart", args.set, args.run_dir, args.force)

@@ -1,4 +1,4 @@
-"""The run directory (ARCHITECTURE.md "Run directory", a contract).
+"""The run directory (docs/ARCHITECTURE.md "Run directory", a contract).
 
     runs/<name>/manifest.json   resolved config, package versions, git commit, seed, per-stage status
     runs/<name>/<stage>/...     each stage writes only under its own folder

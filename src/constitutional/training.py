@@ -32,7 +32,7 @@ def load_causal_lm(spec: str, setting: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .backends.base import model_path
+    from .backends import model_path
 
     path = model_path(spec)
     if path.startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():

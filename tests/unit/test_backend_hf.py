@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from constitutional.backends.base import GenerationParams
-from constitutional.backends.hf import HFBackend, _lcp
+from constitutional.backends.hf import HFBackend
+from constitutional.backends.hf_cache import lcp
 from constitutional.errors import UserError
 
 CONVS = [
@@ -149,9 +150,9 @@ def test_option_outside_the_vocabulary_is_a_user_error(tmp_path):
 
 
 def test_lcp():
-    assert _lcp([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
-    assert _lcp([[5], [6]]) == 0
-    assert _lcp([]) == 0
+    assert lcp([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+    assert lcp([[5], [6]]) == 0
+    assert lcp([]) == 0
 
 
 def test_invalid_generation_params(tiny_backend):

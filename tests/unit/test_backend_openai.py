@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from constitutional.backends.base import GenerationParams, load_backend
+from constitutional.backends import GenerationParams, load_backend
 from constitutional.backends.openai import OpenAIBackend, parse_openai
 from constitutional.errors import UserError
 

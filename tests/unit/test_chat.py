@@ -81,7 +81,8 @@ def test_control_characters_never_reach_the_terminal(scripted):
 
 def test_streamed_answers_equal_the_backends(parrot_dirs, tmp_path):
     from constitutional.backends import load_backend
-    from constitutional.context import PromptedBackend, load_context
+    from constitutional.backends.prompted import PromptedBackend
+    from constitutional.context import load_context
 
     (tmp_path / "ctx.yaml").write_text(CONTEXT)
     for model in parrot_dirs:

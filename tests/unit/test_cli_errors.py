@@ -23,8 +23,6 @@ def _files(tmp_path):
     f["unknown_key"].write_text("stages: [baseline]\nbaseline:\n  limt: 3\n")
     f["unknown_stage"] = tmp_path / "stage.yaml"
     f["unknown_stage"].write_text("stages: [baseline, critique]\n")
-    f["unbuilt"] = tmp_path / "unbuilt.yaml"
-    f["unbuilt"].write_text("stages: [baseline, report]\n")
     f["empty_stages"] = tmp_path / "empty.yaml"
     f["empty_stages"].write_text("run_dir: x\n")
     f["bad_jsonl"] = tmp_path / "bad.jsonl"
@@ -56,9 +54,7 @@ def catalog(tmp_path, tiny):
         "missing config file": (["run", str(tmp_path / "nope.yaml")], "file not found"),
         "unknown setting": (["run", str(f["unknown_key"])], "unknown setting 'limt'"),
         "unknown stage": (["run", str(f["unknown_stage"])], "unknown stage 'critique'"),
-        "unbuilt stage in a pipeline": (["run", str(f["unbuilt"])], "not built yet"),
         "empty stage list": (["run", str(f["empty_stages"])], "stages is empty"),
-        "unbuilt stage command": (["report", "--run-dir", rd], "not built yet"),
         "sft before revise": (["sft", "--run-dir", rd], "run `cai revise` first"),
         "revise with a missing prompt set": (["revise", "--run-dir", rd, "--set", "prompts=builtin:redteam+run:redteam"], "run `cai redteam` first"),
         "bad --set syntax": (base + ["--set", "limit"], "expected key=value"),
@@ -83,14 +79,8 @@ def catalog(tmp_path, tiny):
 
 
 def test_error_catalog_in_process(tmp_path, tiny_model_dir, capsys, monkeypatch):
-    import dataclasses
-
-    from constitutional import stages
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("CAI_OPENAI_MAX_RETRIES", "0")  # the unreachable server fails at once
-    # a stage that is not built (every stage is built now: pretend `report` is not)
-    monkeypatch.setitem(stages.BY_NAME, "report", dataclasses.replace(stages.BY_NAME["report"], module=None))
     cases = catalog(tmp_path, tiny_model_dir)
     assert len(cases) >= 15
     for name, (argv, expected) in cases.items():

@@ -8,9 +8,10 @@ import shutil
 
 import pytest
 
-from constitutional.backends.base import GenerationParams, load_backend
+from constitutional.backends import GenerationParams, load_backend
 from constitutional.backends.hf import HFBackend
-from constitutional.context import BUILTIN, Context, PromptedBackend, load_context, parse_prompted
+from constitutional.backends.prompted import PromptedBackend, parse_prompted
+from constitutional.context import BUILTIN, Context, load_context
 from constitutional.errors import UserError
 
 SMALL = """name: small

@@ -14,7 +14,8 @@ import torch
 from constitutional.backends.base import GenerationParams
 from constitutional.backends.hf import HFBackend
 from constitutional import distill_math
-from constitutional.context import PromptedBackend, load_context
+from constitutional.backends.prompted import PromptedBackend
+from constitutional.context import load_context
 from constitutional.data.loaders import load_prompts
 from constitutional.errors import UserError
 from constitutional.run import RecordShard, RunDir
@@ -402,3 +403,15 @@ def test_generation_params_come_from_the_config(files, tiny_model_dir, scripted)
         distill.sample_teacher(Recorder(), items, config(files, tiny_model_dir, teacher_samples=3, temperature=0.5, max_new_tokens=7, seed=4), shard)
         assert len(shard.records) == 6
     assert (seen[0].n, seen[0].temperature, seen[0].max_new_tokens, seen[0].seed) == (3, 0.5, 7, 4)
+
+
+def test_checkpointing_uses_the_activation_checkpointing_api(files, tiny_model_dir, tmp_path):
+    """gradient_checkpointing=on trains with transformers 5's activation_checkpointing_* calls, not their
+    deprecated gradient_checkpointing_* aliases (each printed a FutureWarning)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = distill.run(config(files, tiny_model_dir, gradient_checkpointing="on", max_steps=2), RunDir(tmp_path / "run"))
+    assert s["steps"] == 2
+    assert not [str(w.message) for w in caught if "gradient_checkpointing_enable" in str(w.message) or "gradient_checkpointing_disable" in str(w.message)]

@@ -187,6 +187,22 @@ def test_micro_batches_accumulate_the_batch_gradient(tiny_model_dir, tmp_path, m
     assert torch.allclose(grads[1], grads[2], atol=1e-6) and grads[1].abs().max() > 1e-4
 
 
+def test_trainer_args_use_activation_checkpointing_without_the_deprecation_warning(tiny_model_dir, tmp_path, monkeypatch):
+    import warnings
+
+    from constitutional.stages.preference import Comparison
+    from constitutional.training import StepPlan
+
+    pairs = [("preferences", Comparison(f"c{i}", [{"role": "user", "content": f"q{i}"}], f"yes {i}", f"no {i}", 0.8, "train")) for i in range(2)]
+    for on in (True, False):
+        monkeypatch.setattr(dpo, "plan_step", lambda *a, on=on, **k: StepPlan(1, on, {"micro_batches": 1}))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = dpo.build_trainer(_cfg(tiny_model_dir, max_steps=1), pairs, [], str(tiny_model_dir), str(tiny_model_dir), tmp_path / f"ckpt{on}")
+        assert not [w for w in caught if "gradient_checkpointing" in str(w.message)], [str(w.message) for w in caught]
+        assert trainer.args.activation_checkpointing is on
+
+
 # ---------------------------------------------------------------- data
 def _revision(i, usable=True, rounds=("ok", "ok"), identical=False, messages=None):
     rounds = [{"principle_id": f"p{k}", "status": s, "revision": f"revision {k} of {i}" if s == "ok" else f"dropped {k}"}
@@ -405,6 +421,6 @@ def test_checkpointing_and_tracking_settings_are_checked():
     from constitutional.errors import UserError as E
 
     with pytest.raises(E, match="dpo.gradient_checkpointing"):
-        dpo._check(dpo.Config(gradient_checkpointing="sometimes"))
+        dpo.check_config(dpo.Config(gradient_checkpointing="sometimes"))
     with pytest.raises(E, match="dpo.report_to"):
-        dpo._check(dpo.Config(report_to="mlflow"))
+        dpo.check_config(dpo.Config(report_to="mlflow"))

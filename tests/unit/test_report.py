@@ -97,8 +97,8 @@ def make_run_dir(path: Path, stages: tuple[str, ...] = ("revise", "sft", "label"
         mc = {"count": 72, "accuracy": 0.65, "accuracy_by_subset": {"harmless": 0.7, "honest": 0.5}}
         _write(path / "train-pm" / "metrics.json", {"heldout": held, "mc": mc, "untrained": {"heldout": {**held, "accuracy": 0.5}, "mc": {**mc, "accuracy": 0.45}}})
     if "rl" in stages:
-        _write(path / "rl" / "metrics.jsonl", [{"id": f"step-{s}", "step": s, "rl/reward": 0.1 * s, "rl/reward_std": 0.5, "rl/kl": 0.001 * s,
-                                                 "rl/length": 30 + s} for s in range(1, 13)])
+        _write(path / "rl" / "metrics.jsonl", [{"id": f"step-{s}", "step": s, "rl/reward": 0.0, "rl/reward_std": 1.0, "rl/score": 0.1 * s,
+                                                 "rl/score_std": 0.5, "rl/kl": 0.001 * s, "rl/length": 30 + s} for s in range(1, 13)])
         comp = {"prompts": 8, "pm_score_rl_cai": 0.4, "pm_score_sl_cai": 0.1, "pm_score_difference_ci95": [0.1, 0.5],
                 "win_rate_rl_cai": 0.7, "win_rate_ci95": [0.45, 0.86]}
         _write(path / "rl" / "eval.json", {"all": comp, "by_set": {"redteam": comp, "helpful": {**comp, "win_rate_rl_cai": 0.55}},
@@ -197,6 +197,37 @@ def test_dpo_section_shows_curves_held_out_accuracy_and_the_comparison_with_sl_c
     assert body.count("<img") == 3  # per-step curves, held-out accuracy, win rate vs SL-CAI
     assert "Held-out comparisons" in body and "revisions: after" in body and "0.83" in body
     assert "DPO vs SL-CAI on held-out prompts" in body and "win_rate_dpo" in body
+
+
+def test_rates_are_percentages_with_sensible_digits(tmp_path):
+    from constitutional.report.common import pct, pct_ci
+
+    assert pct_ci(2.776e-17, [2.776e-17, 0.3903]) == "0% [0%, 39%]"  # was "0 [2.776e-17, 0.3903]"
+    assert pct_ci(0.12, [0.05, 0.26]) == "12% [5%, 26%]"
+    assert (pct(0.025), pct(0.004), pct(1.0), pct(None)) == ("2.5%", "0.4%", "100%", "–")
+    run = make_run_dir(tmp_path / "run", stages=("eval",))
+    results = _results()
+    results["refusal"]["base"].update(harmful_refusal_rate=2.776e-17, harmful_ci=[2.776e-17, 0.3903])
+    _write(run / "eval" / "results.json", results)
+    _, text, _ = _report(run, chains=0)
+    body = text.split('data-section="behaviour"', 1)[1].split("</section>", 1)[0]
+    assert "0% [0%, 39%]" in body and "e-17" not in body
+    assert "50% [40%, 60%]" in body  # sl-cai: red-team refusal 0.5, interval [0.4, 0.6] in _results
+    assert ">50%<" in body and ">30%<" in body  # mc accuracy, truthfulness
+
+
+def test_rl_curves_leave_out_the_whitened_reward():
+    from constitutional.report.rl import rl_panels
+
+    assert [k for k, _, _ in rl_panels({})] == ["rl/score", "rl/kl", "rl/length", "rl/entropy"]  # default: whitened, flat at 0
+    assert "rl/reward" not in [k for k, _, _ in rl_panels({"normalize_reward": True, "length_penalty": 0.5})]
+    assert "rl/reward" in [k for k, _, _ in rl_panels({"normalize_reward": False, "length_penalty": 0.5})]
+
+
+def test_rl_section_says_why_the_reward_is_not_drawn(full):
+    _, text, _ = full
+    body = text.split('data-section="rl"', 1)[1].split("</section>", 1)[0]
+    assert "whitened over each batch" in body and "win_rate_rl_cai" in body and "70%" in body and "[45%, 86%]" in body
 
 
 def test_record_text_is_escaped(full):

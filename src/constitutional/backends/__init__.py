@@ -1,5 +1,6 @@
-"""Model backends: one protocol (`base.Backend`), resolved from a model string by `base.load_backend`."""
+"""Model backends: one protocol (`base.Backend`), resolved from a model string by `registry.load_backend`."""
 
-from .base import Backend, Completion, GenerationParams, load_backend
+from .base import Backend, Completion, GenerationParams
+from .registry import load_backend, model_path
 
-__all__ = ["Backend", "Completion", "GenerationParams", "load_backend"]
+__all__ = ["Backend", "Completion", "GenerationParams", "load_backend", "model_path"]

@@ -1,4 +1,5 @@
-"""The backend protocol (ARCHITECTURE.md "Model backends", a contract) and model-string resolution.
+"""The backend protocol (docs/ARCHITECTURE.md "Model backends", a contract) and the helpers every
+backend shares: requests and their queue, chat rendering, stop strings.
 
 Every stage that runs a model at inference time talks to it through three calls:
 
@@ -11,10 +12,8 @@ Every stage that runs a model at inference time talks to it through three calls:
   option string as a continuation of each raw-text prompt; options may be several tokens long.
 - `sequence_logprobs(prompts, continuations) -> list[float]`: log p(continuation | prompt), nats.
 
-Model strings: `embedded` (the default SmolLM2-135M-Instruct), a local directory or hub id (`hf`),
-`openai:URL#model` (an OpenAI-compatible server, `openai.py`), and `prompted:<model>` or
-`prompted:<context file>#<model>`: that model with a context C in front of every request (dialogue
-prompting, `context.py`).
+Model strings (`embedded`, a directory or hub id, `openai:URL#model`, `prompted:...`) are resolved
+to backends by `registry.py`; this module imports no backend.
 """
 
 from __future__ import annotations
@@ -199,50 +198,3 @@ def render_messages(tokenizer, messages: list[Message], add_generation_prompt: b
     from ..data.loaders import to_transcript
 
     return "\n\n" + to_transcript(messages) + ("\n\nAssistant:" if add_generation_prompt and not prefill else "")
-
-
-def load_backend(model: str, **options) -> Backend:
-    """Resolve a model string to a backend. Options go to the backend (e.g. dtype, batch_size).
-
-    `prompted:<model>` is that model with the built-in context C in front of every request, and
-    `prompted:<context file>#<model>` with the context of a file (dialogue prompting, context.py).
-    """
-    if not isinstance(model, str) or not model.strip():
-        raise UserError("model: empty model string; use `embedded`, a local model directory, a hub id, or openai:URL#model")
-    model = model.strip()
-    if model.startswith("prompted:"):  # the model with a context C in front (context.py)
-        from ..context import PromptedBackend, load_context, parse_prompted
-
-        context, inner = parse_prompted(model)
-        context = load_context(context)  # a bad context file fails before a model is loaded
-        return PromptedBackend(load_backend(inner, **options), context, name=model)
-    if model.startswith("openai:"):
-        from .openai import OpenAIBackend
-
-        return OpenAIBackend(model, **options)
-    from .hf import HFBackend
-
-    if model == "embedded":
-        from .embedded import embedded_model_dir
-
-        return HFBackend(str(embedded_model_dir()), name="embedded", **options)
-    return HFBackend(model, **options)
-
-
-def model_path(model: str) -> str:
-    """The local directory or hub id that transformers/TRL load for a model string (training stages)."""
-    model = (model or "").strip()
-    if model.startswith("openai:"):
-        raise UserError(f"model {model!r}: a server model cannot be fine-tuned here; give a local model directory, a hub id or `embedded`")
-    if model.startswith("prompted:"):
-        raise UserError(
-            f"model {model!r}: a prompted model has no weights of its own to fine-tune; give the plain model "
-            "(for context distillation: cai distill with its context setting)"
-        )
-    if model == "embedded":
-        from .embedded import embedded_model_dir
-
-        return str(embedded_model_dir())
-    if not model:
-        raise UserError("model: empty model string; use `embedded`, a local model directory or a hub id")
-    return model

@@ -34,6 +34,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .base import GenerationParams, Request
+from .hf_cache import kv_shape, prefill_layout
+from .hf_sampling import penalise_repeats, row_seed
 
 
 class _Store:
@@ -142,8 +144,6 @@ class ContinuousDecoder:
         self.token_budget = max(256, int(token_budget))
         self.max_rows = max(1, int(max_rows))
         self.prefill_tokens = max(64, int(prefill_tokens))  # suffix tokens per prefill forward
-        from .hf import kv_shape
-
         self.store = _Store(*kv_shape(backend.model.config), backend.dtype, backend.device)
         self.cache = SlotCache(self.store)
 
@@ -164,8 +164,6 @@ class ContinuousDecoder:
 
     def _submit(self, requests: list[Request], front: bool) -> None:
         rows = []
-        from .hf import _row_seed
-
         for req in requests:
             req.params.check()
             ids = self.b._encode_chat(req.conversation)
@@ -173,7 +171,7 @@ class ContinuousDecoder:
             self.submitted += 1
             max_new = min(req.params.max_new_tokens, self.b.max_positions - len(ids))
             self.left[id(req)] = [[None] * req.params.n, req.params.n]
-            rows += [_Row(req, j, ids, _row_seed(req.params.seed, ids, j), max_new) for j in range(req.params.n)]
+            rows += [_Row(req, j, ids, row_seed(req.params.seed, ids, j), max_new) for j in range(req.params.n)]
         if front:
             self.waiting.extendleft(reversed(rows))
         else:
@@ -261,13 +259,11 @@ class ContinuousDecoder:
         for k, r in enumerate(self.active):
             p = r.req.params
             groups.setdefault((p.temperature, p.top_p, p.repetition_penalty), []).append(k)
-        from .hf import _penalise_repeats
-
         for (temperature, top_p, penalty), ks in groups.items():
             idx = torch.tensor(ks, device=self.logits.device)
             logits = self.logits if len(ks) == len(self.active) else self.logits[idx]
             if penalty != 1.0:
-                logits = _penalise_repeats(logits, [self.active[k].out for k in ks], penalty)
+                logits = penalise_repeats(logits, [self.active[k].out for k in ks], penalty)
             params = GenerationParams(temperature=temperature, top_p=top_p)
             tokens[torch.tensor(ks)] = b._sample(logits, [self.active[k].gen for k in ks], params)
         return tokens
@@ -303,13 +299,11 @@ class ContinuousDecoder:
 
     @torch.no_grad()
     def _prefill(self, prefix: tuple[int, ...], rows: list[_Row]) -> None:
-        from .hf import _prefill_layout
-
         b, s = self.b, self.store
         P = len(prefix)
         suffixes = [r.ids[P:] for r in rows]
         L = max(len(x) for x in suffixes)
-        input_ids, valid, pos, allowed = _prefill_layout(suffixes, P, P + L, b.pad_id)
+        input_ids, valid, pos, allowed = prefill_layout(suffixes, P, P + L, b.pad_id)
         out = b._masked_forward(prefix, input_ids, allowed, pos[:, P:], use_cache=True, logits_to_keep=1)
         b.stats["prefill_tokens"] += int(sum(len(x) for x in suffixes))
         width = P + L

@@ -1,8 +1,7 @@
-"""Pipeline stages, in data-flow order (ARCHITECTURE.md "Data flow").
+"""Pipeline stages, in data-flow order (docs/ARCHITECTURE.md "Data flow").
 
-Each built stage is a module with a typed `Config` dataclass and `run(config, run_dir) -> summary`.
-`STAGES` also lists the stages that are not built yet and the issue that builds them, so the CLI can
-show every subcommand and say plainly what is missing.
+Each stage is a module (or a package) with a typed `Config` dataclass and `run(config, run_dir) ->
+summary`; `STAGES` names them for the CLI, the pipeline and the run directory.
 """
 
 from __future__ import annotations
@@ -14,24 +13,23 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class StageInfo:
     name: str  # CLI subcommand and run-directory folder
-    module: str | None  # constitutional.stages.<module>, None while not built
-    issue: int  # the issue that builds it
+    module: str  # constitutional.stages.<module>
     help: str
 
 
 STAGES = [
-    StageInfo("baseline", "baseline", 2, "measure the starting model: answers to red-team prompts, multiple-choice accuracy and position bias"),
-    StageInfo("redteam", "redteam", 3, "generate more red-team prompts from seed prompts (few-shot)"),
-    StageInfo("revise", "revise", 3, "critique -> revision rounds on red-team prompts (SL-CAI data)"),
-    StageInfo("sft", "sft", 3, "fine-tune on the revisions mixed with helpful samples (SL-CAI model)"),
-    StageInfo("sample", "sample", 4, "sample two responses per prompt from the SL-CAI model"),
-    StageInfo("label", "label", 4, "AI-feedback preference labels from a feedback model and the constitution"),
-    StageInfo("train-pm", "preference", 4, "train the preference model on the soft labels"),
-    StageInfo("rl", "rl", 5, "RL-CAI: optimise the policy against the preference model with a KL penalty"),
-    StageInfo("dpo", "dpo", 16, "DPO: optimise the policy on the soft labels and/or revision pairs directly (no PM, no RL)"),
-    StageInfo("distill", "distill", 6, "context distillation: fine-tune without the context C to match p(y|C,x)"),
-    StageInfo("eval", "evaluate", 7, "compare models: harmlessness and helpfulness Elo, refusals, multiple choice, truthfulness, prompt injection"),
-    StageInfo("report", "report", 7, "the HTML report of a run directory"),
+    StageInfo("baseline", "baseline", "measure the starting model: answers to red-team prompts, multiple-choice accuracy and position bias"),
+    StageInfo("redteam", "redteam", "generate more red-team prompts from seed prompts (few-shot)"),
+    StageInfo("revise", "revise", "critique -> revision rounds on red-team prompts (SL-CAI data)"),
+    StageInfo("sft", "sft", "fine-tune on the revisions mixed with helpful samples (SL-CAI model)"),
+    StageInfo("sample", "sample", "sample two responses per prompt from the SL-CAI model"),
+    StageInfo("label", "label", "AI-feedback preference labels from a feedback model and the constitution"),
+    StageInfo("train-pm", "preference", "train the preference model on the soft labels"),
+    StageInfo("rl", "rl", "RL-CAI: optimise the policy against the preference model with a KL penalty"),
+    StageInfo("dpo", "dpo", "DPO: optimise the policy on the soft labels and/or revision pairs directly (no PM, no RL)"),
+    StageInfo("distill", "distill", "context distillation: fine-tune without the context C to match p(y|C,x)"),
+    StageInfo("eval", "evaluate", "compare models: harmlessness and helpfulness Elo, refusals, multiple choice, truthfulness, prompt injection"),
+    StageInfo("report", "report", "the HTML report of a run directory"),
 ]
 
 BY_NAME = {s.name: s for s in STAGES}
@@ -79,6 +77,5 @@ def load_prompt_sets(spec: str, run_dir, split: str = "all", limit: int = 0) -> 
 
 
 def load(name: str):
-    """The stage module for `name`, or None when that stage is not built yet."""
-    info = BY_NAME[name]
-    return importlib.import_module(f"constitutional.stages.{info.module}") if info.module else None
+    """The stage module for `name` (imported on first use: `cai --help` loads no stage's dependencies)."""
+    return importlib.import_module(f"constitutional.stages.{BY_NAME[name].module}")

@@ -309,7 +309,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     from transformers import AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint
 
-    from ..backends.base import model_path
+    from ..backends import model_path
     from ..backends.hf import resolve_dtype
     from ..preference_model import PreferenceModel, preference_row
 

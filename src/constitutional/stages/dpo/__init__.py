@@ -39,6 +39,9 @@ dpo/lr, dpo/grad_norm); `model/` (transformers directory, LoRA merged, README.md
 
 Departures: DPO is not in the paper; the full next-token logits are computed for the KL (see
 dpo_trainer.py); one process only (no `accelerate launch`); defaults sized for a 135M model on a CPU.
+
+Layout: `data.py` (the comparisons and pairs, the tokenizer check), `config.py` (settings and their
+check); this module builds the trainer, trains, scores the held-out comparisons and writes the outputs.
 """
 
 from __future__ import annotations
@@ -49,162 +52,21 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import opt, to_dict
-from ..data.loaders import split_of
-from ..errors import UserError
-from ..run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now, read_jsonl
-from ..training import (checkpointing_setting, keep_matching_checkpoints, last_checkpoint, load_causal_lm, plan_step,
-                        lora_config, report_targets, save_model, speed, tracking, trainer_args, training_dtype)
-from . import resolve_model
-from . import rl
-from .preference import Comparison, read_comparisons
-from .sft import prompt_messages, read_records
+from ...config import to_dict
+from ...errors import UserError
+from ...run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now, read_jsonl
+from ...training import (keep_matching_checkpoints, last_checkpoint, load_causal_lm, plan_step,
+                        lora_config, save_model, speed, tracking, trainer_args, training_dtype)
+from .. import resolve_model
+from .. import rl
+from .config import Config, check_config
+from .data import check_tokenizers, read_data, revision_pairs
+
+__all__ = ["Config", "check_config", "run", "build_trainer", "check_tokenizers", "read_data", "revision_pairs"]
 
 STAGE = "dpo"
-SOURCES = ("preferences", "revisions")
-
-
-@dataclass
-class Config:
-    policy: str = opt("auto", "the policy to train: auto (this run's SL-CAI model, else the starting model), a model directory, a hub id or embedded")
-    reference: str = opt("", "the frozen reference: '' = the policy's starting weights (LoRA: the policy with its adapter off), else a model with the policy's tokenizer")
-    data: str = opt("preferences", "comparisons, joined with '+': preferences (label/preferences.jsonl, soft labels), revisions (revise/revisions.jsonl: last revision vs initial response)")
-    helpful: str = opt("", "helpfulness comparisons JSONL mixed into training (prompt, chosen, rejected, optional p_chosen, default 1); '' = none")
-    loss: str = opt("soft", "soft (target p_chosen per example: -[p·log σ(βΔ) + (1-p)·log σ(-βΔ)]) or sigmoid (standard DPO on hard labels; ties dropped)")
-    beta: float = opt(0.1, "β, the scale of the implicit reward β·log πθ/πref (larger: stay closer to the reference)")
-    heldout: float = opt(0.2, "share of comparisons held out (by a hash of the id), besides those on test-split prompts")
-    epochs: float = opt(1.0, "passes over the training comparisons (ignored when max_steps > 0)")
-    max_steps: int = opt(0, "optimizer steps (0 = run `epochs` epochs)")
-    learning_rate: float = opt(5e-6, "peak learning rate, linear decay (LoRA usually wants ~10x more)")
-    batch_size: int = opt(2, "comparisons per optimizer step and device (each is two sequences); also the held-out scoring batch")
-    grad_accum: int = opt(1, "forward passes per optimizer step")
-    max_length: int = opt(512, "tokens per sequence (prompt + response), cut at the end; comparisons whose prompt fills it are dropped")
-    lora: bool = opt(False, "train a LoRA adapter (merged into the weights at the end) instead of all weights")
-    lora_r: int = opt(16, "LoRA rank")
-    lora_alpha: int = opt(32, "LoRA scale numerator (scale = alpha / r)")
-    dtype: str = opt("auto", "auto (bf16 autocast where the hardware has it, else float32), bfloat16 or float32")
-    save_steps: int = opt(10, "steps between checkpoints (a rerun resumes from the newest)")
-    reward_model: str = opt("", "preference model scoring DPO vs SL-CAI ('' = this run's train-pm/model if it exists, else no PM scores)")
-    feedback_model: str = opt("auto", "judge of the DPO vs SL-CAI win rate: auto (the model this run's label stage used), embedded, a directory or hub id")
-    prompts: str = opt("builtin:redteam", "red-team prompts of the DPO vs SL-CAI comparison (their test split); join sets with '+'")
-    helpful_prompts: str = opt("builtin:helpful", "helpful prompts of that comparison (test split; '' = none)")
-    eval_prompts: int = opt(8, "test-split prompts per set that DPO and SL-CAI answer (0 = skip that comparison)")
-    temperature: float = opt(1.0, "sampling temperature of those answers")
-    max_new_tokens: int = opt(64, "tokens per answer in that comparison")
-    gradient_checkpointing: str = opt("auto", "auto (on only when the activations would not fit in memory), on or off")
-    memory_mb: int = opt(0, "memory this process may use, MB: a batch is split into micro-batches (same steps and gradients), then checkpointed, until a step fits (0 = the machine's free memory)")
-    report_to: str = opt("none", "experiment tracking: none, tensorboard (<run>/dpo/logs), wandb or tensorboard,wandb")
-    seed: int = opt(0, "random seed (data order, LoRA init, sampling)")
-
-
-# ---------------------------------------------------------------------------------------- inputs
-def _check(cfg: Config) -> list[str]:
-    """The data sources named by `cfg.data`; every setting checked."""
-    parts = [p.strip() for p in cfg.data.split("+") if p.strip()]
-    if not parts or any(p not in SOURCES for p in parts) or len(set(parts)) < len(parts):
-        raise UserError(f"dpo.data {cfg.data!r}: use preferences, revisions or preferences+revisions")
-    if cfg.loss not in ("soft", "sigmoid"):
-        raise UserError(f"dpo.loss {cfg.loss!r}: use soft or sigmoid")
-    checkpointing_setting(cfg.gradient_checkpointing, "dpo.gradient_checkpointing")
-    report_targets(cfg.report_to, "dpo.report_to")
-    for name in ("batch_size", "grad_accum", "max_length", "save_steps", "lora_r", "lora_alpha", "max_new_tokens"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"dpo.{name} {getattr(cfg, name)}: must be >= 1")
-    for name in ("beta", "learning_rate", "temperature"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"dpo.{name} {getattr(cfg, name)}: must be > 0")
-    if cfg.max_steps < 0 or cfg.eval_prompts < 0 or (cfg.max_steps == 0 and cfg.epochs <= 0):
-        raise UserError("dpo: max_steps and eval_prompts must be >= 0, and epochs > 0 when max_steps is 0")
-    if not 0 <= cfg.heldout < 1:
-        raise UserError(f"dpo.heldout {cfg.heldout}: must be in [0, 1)")
-    training_dtype(cfg.dtype)
-    return parts
-
-
-def revision_pairs(path: Path) -> tuple[list[Comparison], dict]:
-    """Per usable revision chain, (last accepted revision, initial response) with target 1; and the
-    counts {records, unusable, identical} of what was read and skipped."""
-    out, counts = [], {"records": 0, "unusable": 0, "identical": 0}
-    for line, rec in read_records(path):
-        where = f"{path}:{line}"
-        counts["records"] += 1
-        if not isinstance(rec.get("usable"), bool) or not isinstance(rec.get("rounds"), list) or not isinstance(rec.get("initial_response"), str):
-            raise UserError(f"{where}: a revision record needs `usable`, `rounds` and `initial_response`; is this revise/revisions.jsonl?")
-        if not rec["usable"]:
-            counts["unusable"] += 1
-            continue
-        ok = [r["revision"] for r in rec["rounds"]
-              if isinstance(r, dict) and r.get("status") == "ok" and isinstance(r.get("revision"), str) and r["revision"].strip()]
-        if not ok:
-            raise UserError(f"{where} (rounds): marked usable but no round has status ok and a revision; rerun `cai revise` or fix the record")
-        if ok[-1].strip() == rec["initial_response"].strip():
-            counts["identical"] += 1  # no difference to learn from
-            continue
-        rid = str(rec.get("id", line))
-        split = rec.get("split") if rec.get("split") in ("train", "test") else split_of(rid)
-        out.append(Comparison(rid, prompt_messages(rec, where), ok[-1], rec["initial_response"], 1.0, split))
-    return out, counts
-
-
-def read_data(cfg: Config, run_dir: RunDir) -> tuple[list[tuple[str, Comparison]], list[tuple[str, Comparison]], dict]:
-    """(training, held-out) (source, comparison) pairs, chosen oriented to p_chosen >= 0.5 and ids
-    prefixed with the source; and the counts. Every input is checked before a model loads."""
-    found, counts = [], {}
-    for source in _check(cfg):
-        stage, name = ("label", "preferences.jsonl") if source == "preferences" else ("revise", "revisions.jsonl")
-        path = run_dir.path / stage / name
-        if not path.is_file():
-            raise UserError(f"{path}: not found; run `cai {stage}` first, or leave {source} out of dpo.data")
-        if source == "preferences":
-            comps = read_comparisons(path)
-        else:
-            comps, counts["revision_records"] = revision_pairs(path)
-        found += [(source, c) for c in comps]
-    helpful = []
-    if cfg.helpful:
-        if not Path(cfg.helpful).is_file():
-            raise UserError(f"{cfg.helpful}: helpfulness comparisons not found; check dpo.helpful or set it to \"\"")
-        helpful = [("helpful", c) for c in read_comparisons(Path(cfg.helpful), default_p=1.0)]
-    pairs = [(s, dataclasses.replace(_oriented(c), id=f"{s}/{c.id}")) for s, c in found + helpful]
-    counts["ties_dropped"] = sum(c.p_chosen == 0.5 for _, c in pairs) if cfg.loss == "sigmoid" else 0
-    if cfg.loss == "sigmoid":  # a tie says nothing about which response is better
-        pairs = [(s, c) for s, c in pairs if c.p_chosen != 0.5]
-    held = [s != "helpful" and (c.split == "test" or split_of(f"dpo:{c.id}", cfg.heldout) == "test") for s, c in pairs]
-    train = [p for p, h in zip(pairs, held) if not h]
-    heldout = [p for p, h in zip(pairs, held) if h]
-    if not train:
-        raise UserError(f"dpo.data {cfg.data!r}: no training comparisons ({len(pairs)} read, {len(heldout)} held out); "
-                        "label or revise more prompts, or add comparisons with dpo.helpful")
-    counts["train"] = {s: sum(p[0] == s for p in train) for s in dict.fromkeys(s for s, _ in pairs)}
-    counts["heldout"] = {s: sum(p[0] == s for p in heldout) for s in dict.fromkeys(s for s, _ in heldout)}
-    return train, heldout, counts
-
-
-def _oriented(c: Comparison) -> Comparison:
-    """The comparison with `chosen` the response its target prefers (p_chosen >= 0.5)."""
-    return c if c.p_chosen >= 0.5 else dataclasses.replace(c, chosen=c.rejected, rejected=c.chosen, p_chosen=1.0 - c.p_chosen)
-
-
-def check_tokenizers(policy: str, reference: str) -> None:
-    """The reference must read the policy's token ids as the same tokens: equal vocabularies."""
-    from transformers import AutoTokenizer
-
-    from ..backends.base import model_path
-
-    vocabs = []
-    for spec, setting in ((policy, "dpo.policy"), (reference, "dpo.reference")):
-        try:
-            vocabs.append(AutoTokenizer.from_pretrained(model_path(spec)).get_vocab())
-        except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise UserError(f"{setting} {spec!r}: cannot load its tokenizer ({first}); give a model directory, a hub id or embedded") from None
-    if vocabs[0] != vocabs[1]:
-        diff = sorted(set(vocabs[0].items()) ^ set(vocabs[1].items()))[0]
-        raise UserError(f"dpo.reference {reference!r}: its tokenizer does not match the policy's ({len(vocabs[1])} vs {len(vocabs[0])} "
-                        f"tokens; e.g. {diff[0]!r} -> {diff[1]}); use a reference with the policy's tokenizer, or leave dpo.reference empty")
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -227,8 +89,8 @@ def build_trainer(cfg: Config, rows: list[dict], heldout_rows: list[dict], polic
     from datasets import Dataset
     from trl import DPOConfig
 
-    from ..dpo_trainer import SoftDPOTrainer
-    from ..preference_model import preference_row
+    from ...dpo_trainer import SoftDPOTrainer
+    from ...preference_model import preference_row
 
     model, tokenizer = load_causal_lm(policy, "dpo.policy")
     ref_model = None if cfg.lora and reference == policy else load_causal_lm(reference, "dpo.reference")[0]
@@ -253,9 +115,11 @@ def build_trainer(cfg: Config, rows: list[dict], heldout_rows: list[dict], polic
         max_length=cfg.max_length,
         beta=cfg.beta,
         disable_dropout=True,  # policy and reference must score the same tokens identically
+        # transformers 5's name for gradient_checkpointing (TRL's default: on); set here, in the
+        # constructor, so the deprecated alias is never read (it warns when the new name is unset)
+        activation_checkpointing=on,
+        activation_checkpointing_kwargs={"use_reentrant": False} if on else None,
     )
-    args.activation_checkpointing = on
-    args.activation_checkpointing_kwargs = {"use_reentrant": False} if on else None
 
     def dataset(pairs):
         return Dataset.from_list([{**preference_row(tokenizer, c.messages, c.chosen, c.rejected, c.p_chosen), "id": c.id, "source": s} for s, c in pairs])
@@ -263,7 +127,7 @@ def build_trainer(cfg: Config, rows: list[dict], heldout_rows: list[dict], polic
     trainer = SoftDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset(rows),
                              eval_dataset=dataset(heldout_rows) if heldout_rows else None, processing_class=tokenizer,
                              peft_config=lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None,
-                             callbacks=[rl._on_log_callback(c) for c in callbacks], hard=cfg.loss == "sigmoid")
+                             callbacks=[rl.on_log_callback(c) for c in callbacks], hard=cfg.loss == "sigmoid")
     trainer.speed_facts = facts
     return trainer
 
@@ -272,7 +136,7 @@ def heldout_metrics(sources: list[str], before: tuple, after: tuple, reference: 
     """Held-out rankings, overall and per source: by log π(y|x) of the starting policy (`before`) and
     the trained one (`after`), and by the implicit reward β·(log πθ - log πref) (`reward`).
     before/after/reference: (chosen log-probs, rejected log-probs), one per held-out comparison."""
-    from ..dpo_math import pair_metrics
+    from ...dpo_math import pair_metrics
 
     def block(idx: list[int]) -> dict:
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
@@ -305,7 +169,7 @@ def train(cfg: Config, run_dir: RunDir, data: tuple, policy: str, reference: str
         seconds = time.time() - t0
         records = list(shard.records)
     steps, tail = trainer.state.global_step, records[-max(1, len(records) // 10):]
-    mean = lambda key, rs: rl._mean([r[key] for r in rs])  # noqa: E731
+    mean = lambda key, rs: rl.mean([r[key] for r in rs])  # noqa: E731
     held, collator = trainer.eval_dataset, trainer.data_collator
     summary = {
         "policy": policy, "reference": reference, "data": cfg.data, "loss": cfg.loss, "beta": cfg.beta,
@@ -344,7 +208,7 @@ def score_heldout(held, collator, models: dict[str, str], batch_size: int) -> di
     nats, more than a small DPO run changes it. A model named twice is scored once."""
     import torch
 
-    from ..dpo_trainer import sequence_logps
+    from ...dpo_trainer import sequence_logps
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     done: dict[str, tuple] = {}
@@ -405,12 +269,12 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     if reference != policy:
         check_tokenizers(policy, reference)
 
-    from ..backends.base import model_path
+    from ...backends import model_path
 
     out = run_dir.stage_dir(STAGE)
     checkpoint_dir = out / "checkpoints"
-    fingerprint = rl._fingerprint([(s, dataclasses.asdict(c)) for s, c in data[0] + data[1]],
-                                  rl._model_stamp(model_path(policy)), rl._model_stamp(model_path(reference)))
+    fingerprint = rl.inputs_fingerprint([(s, dataclasses.asdict(c)) for s, c in data[0] + data[1]],
+                                  rl.model_stamp(model_path(policy)), rl.model_stamp(model_path(reference)))
     keep_matching_checkpoints(out, checkpoint_dir / "inputs.sha256", fingerprint, STAGE, "inputs")
     done = json.loads((out / "train.json").read_text()) if (out / "train.json").is_file() else {}
     if done.get("fingerprint") == fingerprint and (out / "model" / "config.json").is_file():
@@ -421,7 +285,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     if held_out:
         score = None
         if (pm_dir / "config.json").is_file():
-            from ..preference_model import PreferenceModel
+            from ...preference_model import PreferenceModel
 
             score = PreferenceModel.from_pretrained(pm_dir, dtype=cfg.dtype, batch_size=8).score
         evaluation, samples = rl.evaluate(ecfg, run_dir, held_out, policy, out / "model", score, name="dpo")

@@ -45,71 +45,40 @@ Departures: no PPO (TRL 1.16 has none; the paper used PPO): RLOO, REINFORCE with
 baseline and no value function; the KL is TRL's per-token estimate rather than an exact KL; the paper's
 PM was pre-trained on human helpfulness labels, ours only sees what `cai train-pm` saw; the defaults are
 sized for a 135M model on a CPU. Several processes: as `cai sft` (the held-out evaluation runs on the main one).
+
+Layout: `reward.py` (the PM reward and its chance warning), `versus_sl_cai.py` (the held-out
+comparison with SL-CAI), `records.py` (what rl and dpo share around the trainer), `config.py`; this
+module builds the trainer, trains and writes the outputs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import gc
-import hashlib
 import json
 import random
 import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
-from tqdm import tqdm
-
-from .. import distributed
-from ..config import build, opt, to_dict
-from ..errors import UserError
-from ..feedback import CHANCE_MARGIN, winner
-from ..rl_math import apply_length_penalty, bootstrap_mean_ci, kl_estimate, normalize_rewards, wilson_interval
-from ..run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now, read_jsonl
-from . import load_prompt_sets, resolve_model
-from ..training import (checkpointing_setting, keep_matching_checkpoints, last_checkpoint, load_causal_lm, lora_config, plan_step,
+from ... import distributed
+from ...config import to_dict
+from ...errors import UserError
+from ...run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now, read_jsonl
+from .. import load_prompt_sets, resolve_model
+from ...training import (checkpointing_setting, keep_matching_checkpoints, last_checkpoint, load_causal_lm, lora_config, plan_step,
                         report_targets, save_model, speed, tracking, trainer_args, training_dtype)
+from .config import Config
+from .records import inputs_fingerprint, mean, model_stamp, on_log_callback
+from .reward import PolicyReward, ScoreFn, chance_warning, pm_at_chance, read_pm_metrics, reward_model_dir
+from .versus_sl_cai import eval_sets, evaluate
+
+__all__ = ["Config", "run", "PolicyReward", "chance_warning", "training_prompts", "eval_sets", "evaluate", "build_trainer", "MetricsRecorder",
+           "on_log_callback", "mean", "inputs_fingerprint", "model_stamp"]
 
 STAGE = "rl"
-ScoreFn = Callable[[Sequence, Sequence[str]], Sequence[float]]  # (conversations, responses) -> scores
-
-
-@dataclass
-class Config:
-    policy: str = opt("auto", "the policy to train: auto (this run's SL-CAI model, else the starting model), a model directory, a hub id or embedded")
-    reward_model: str = opt("", "preference model directory ('' = this run's train-pm/model)")
-    feedback_model: str = opt("auto", "judge of the RL-CAI vs SL-CAI win rate: auto (the model this run's label stage used), embedded, a directory or hub id")
-    prompts: str = opt("builtin:redteam", "red-team prompts; join sets with '+', run:redteam = this run's generated prompts")
-    helpful_prompts: str = opt("builtin:helpful", "helpful prompts mixed in ('' = none)")
-    helpful_ratio: float = opt(1.0, "helpful prompts per red-team prompt in the training mix (fewer if not available; 0 = none)")
-    split: str = opt("train", "which split to train on: train, test or all (the evaluation always uses test)")
-    limit: int = opt(0, "prompts per prompt set (0 = all)")
-    algorithm: str = opt("rloo", "rloo (REINFORCE, leave-one-out baseline, KL in the reward) or grpo (group-normalised advantages, KL in the loss)")
-    num_generations: int = opt(4, "samples per prompt (>= 2), the group each baseline is computed from")
-    max_steps: int = opt(50, "optimizer steps (one generation batch each)")
-    learning_rate: float = opt(1e-5, "peak learning rate, linear decay (LoRA usually wants ~10x more)")
-    batch_size: int = opt(2, "prompts per step, each sampled num_generations times")
-    beta: float = opt(0.05, "KL coefficient β (0 = no KL penalty and no reference model)")
-    temperature: float = opt(1.0, "sampling temperature, in training and in the evaluation (paper: 1)")
-    max_new_tokens: int = opt(64, "tokens per completion")
-    normalize_reward: bool = opt(True, "whiten the PM score over each generation batch (mean 0, std 1) before the length penalty")
-    length_penalty: float = opt(0.0, "reward units subtracted per 100 completion tokens (0 = none)")
-    max_kl: float = opt(0.0, "stop once the logged KL to the reference passes this many nats per token (0 = no bound; needs beta > 0)")
-    lora: bool = opt(False, "train a LoRA adapter (merged into the weights at the end) instead of all weights")
-    lora_r: int = opt(16, "LoRA rank")
-    lora_alpha: int = opt(32, "LoRA scale numerator (scale = alpha / r)")
-    dtype: str = opt("auto", "auto (bf16 autocast where the hardware has it, else float32), bfloat16 or float32")
-    rollouts: str = opt("backend", "who samples the completions: backend (the hf backend's batched decoder) or trl (TRL's HF generate)")
-    gradient_checkpointing: str = opt("auto", "recompute activations in the backward pass (less memory, slower): auto (only when a batch would not fit in memory), on or off")
-    memory_mb: int = opt(0, "memory this process may use, MB: a step's completions are trained in micro-batches (same steps and gradients), then checkpointed, until a step fits (0 = the machine's free memory)")
-    save_steps: int = opt(10, "steps between checkpoints (a rerun resumes from the newest)")
-    eval_prompts: int = opt(8, "held-out (test split) prompts per prompt set for RL-CAI vs SL-CAI (0 = skip the evaluation)")
-    report_to: str = opt("none", "experiment tracking: none, tensorboard (<run>/rl/logs), wandb or tensorboard,wandb")
-    seed: int = opt(0, "random seed (helpful-prompt draw, data order, sampling, LoRA init)")
 
 
 # ---------------------------------------------------------------------------------------- inputs
@@ -155,82 +124,7 @@ def training_prompts(cfg: Config, run_dir: RunDir) -> tuple[list[dict], dict]:
     return rows, {"redteam": len(redteam), "helpful": len(helpful)}
 
 
-def eval_sets(cfg: Config, run_dir: RunDir) -> list[tuple[str, object]]:
-    """(set name, Prompt) for the held-out comparison: test-split prompts, `eval_prompts` per set."""
-    if cfg.eval_prompts == 0:
-        return []
-    specs = [("redteam", cfg.prompts)] + ([("helpful", cfg.helpful_prompts)] if cfg.helpful_prompts else [])
-    return [(name, p) for name, spec in specs for p in load_prompt_sets(spec, run_dir, split="test", limit=cfg.eval_prompts)]
-
-
-def reward_model_dir(cfg: Config, run_dir: RunDir) -> Path:
-    return Path(cfg.reward_model).expanduser() if cfg.reward_model else run_dir.path / "train-pm" / "model"
-
-
-def read_pm_metrics(pm_dir: Path) -> dict | None:
-    """`cai train-pm`'s metrics.json beside the PM directory (held-out and MC accuracy), if there is one."""
-    path = pm_dir.parent / "metrics.json"
-    if not path.is_file():
-        return None
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path}: malformed JSON; rerun `cai train-pm --force` or delete the file") from None
-    return metrics if isinstance(metrics, dict) else None
-
-
-def pm_at_chance(metrics: dict | None) -> str | None:
-    """'held-out accuracy 0.52, MC accuracy 0.49' for each PM accuracy within CHANCE_MARGIN of 0.5, else None."""
-    found = []
-    for label, key in (("held-out", "heldout"), ("MC", "mc")):
-        acc = ((metrics or {}).get(key) or {}).get("accuracy")
-        if acc is not None and abs(acc - 0.5) <= CHANCE_MARGIN:
-            found.append(f"{label} accuracy {acc:.2f}")
-    return ", ".join(found) or None
-
-
-def chance_warning(metrics: dict | None, scores: Sequence[float]) -> str | None:
-    """The warning for a reward that climbed (mean PM score of the last third of the steps above the
-    first third's) while the PM is at chance; None otherwise."""
-    chance = pm_at_chance(metrics)
-    if not chance or len(scores) < 2:
-        return None
-    k = max(1, len(scores) // 3)
-    first, last = sum(scores[:k]) / k, sum(scores[-k:]) / k
-    if last <= first:
-        return None
-    return (f"the reward climbed (mean PM score {first:.3f} -> {last:.3f}, first vs last third of the steps) while the "
-            f"preference model is at chance ({chance}): the reward has nothing to teach, so the policy learned the PM's "
-            "noise, not the constitution; train a better PM (more or cleaner labels, a stronger feedback model) first")
-
-
 # ---------------------------------------------------------------------------------------- reward
-class PolicyReward:
-    """The reward function TRL calls once per generation batch (B prompts x G samples).
-
-    TRL 1.16 passes `prompts` (the dataset's message lists, each repeated G times in a row),
-    `completions` ([{"role": "assistant", "content": text}] per sample for conversational prompts),
-    `completion_ids` (token ids, with the eos token when one was sampled), the dataset's other columns
-    and `log_metric`. Returns one float per sample: the score, whitened over the batch if `normalize`,
-    minus `length_penalty` per 100 completion tokens. The raw score is logged as `rl/score`.
-    """
-
-    __name__ = "preference_model"  # TRL names its reward metrics after it
-
-    def __init__(self, score: ScoreFn, normalize: bool, length_penalty: float):
-        self.score, self.normalize, self.length_penalty = score, normalize, length_penalty
-
-    def __call__(self, prompts, completions, completion_ids, log_metric=None, **_):
-        texts = [(c[-1]["content"] if isinstance(c, list) else c).strip() for c in completions]
-        raw = [float(s) for s in self.score(prompts, texts)]
-        shaped = normalize_rewards(raw) if self.normalize else raw
-        if self.length_penalty:
-            shaped = apply_length_penalty(shaped, [len(ids) for ids in completion_ids], self.length_penalty)
-        if log_metric is not None:
-            mean = sum(raw) / len(raw)
-            log_metric("rl/score", mean)
-            log_metric("rl/score_std", (sum((r - mean) ** 2 for r in raw) / len(raw)) ** 0.5)
-        return shaped
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -287,7 +181,7 @@ def build_trainer(cfg: Config, rows: list[dict], policy: str, reward: PolicyRewa
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-    from ..rollouts import GRPOBackendRollouts, RLOOBackendRollouts, check_sampling
+    from ...rollouts import GRPOBackendRollouts, RLOOBackendRollouts, check_sampling
 
     _check(cfg)
     model, tokenizer = load_causal_lm(policy, "rl.policy")
@@ -320,129 +214,9 @@ def build_trainer(cfg: Config, rows: list[dict], policy: str, reward: PolicyRewa
     if cfg.rollouts == "backend":
         check_sampling(args)
     trainer = trainer_cls(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, peft_config=peft_config, callbacks=[_on_log_callback(c) for c in callbacks])
+                          processing_class=tokenizer, peft_config=peft_config, callbacks=[on_log_callback(c) for c in callbacks])
     trainer.speed_facts = {**plan.facts, "rollouts": cfg.rollouts}
     return trainer
-
-
-def _on_log_callback(handler):
-    """A `transformers.TrainerCallback` that forwards `on_log` to `handler` (imported here, not at the
-    top, so that `cai --help` does not load transformers)."""
-    from transformers import TrainerCallback
-
-    class OnLog(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            handler.on_log(args, state, control, logs)
-
-    return OnLog()
-
-
-# ---------------------------------------------------------------------------------------- evaluation
-def _label_config(run_dir: RunDir):
-    """The label stage's settings as this run recorded them (defaults where it has none)."""
-    from . import label
-
-    recorded = run_dir.manifest.get("config", {}).get("label") or {}
-    names = {f.name for f in dataclasses.fields(label.Config)}
-    return build(label.Config, {k: v for k, v in recorded.items() if k in names}, f"{run_dir.manifest_path} (config.label)")
-
-
-def response_logprobs(backend, conversations: Sequence, responses: Sequence[list[int]], temperature: float) -> list:
-    """Per-token log-probabilities (T,) of each response's token ids under `backend`'s model at
-    `temperature` (the distribution the responses were sampled from), as float32 tensors."""
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for conv, ids in zip(conversations, responses):
-            prompt = backend.tokenizer(backend.render_chat(conv), add_special_tokens=False)["input_ids"]
-            x = torch.tensor([prompt + list(ids)], device=backend.device)
-            logits = backend.model(input_ids=x, use_cache=False).logits[0, len(prompt) - 1 : -1].float() / temperature
-            out.append(torch.log_softmax(logits, -1).gather(-1, x[0, len(prompt):, None]).squeeze(-1).cpu())
-    return out
-
-
-def _compare(rows: list[dict], name: str = "rl_cai") -> dict:
-    who = name.removesuffix("_cai")  # the sample keys: score_rl, p_rl, winner "rl" (rl_cai); score_dpo, ... (dpo)
-    scored = all(r[f"score_{who}"] is not None for r in rows)
-    diffs = [r[f"score_{who}"] - r["score_sl"] for r in rows] if scored else []
-    lo, hi = bootstrap_mean_ci(diffs)
-    credit = [0.5 if r["winner"] is None else float(r["winner"] == who) for r in rows]
-    wlo, whi = wilson_interval(sum(credit), len(rows))
-    kls = [r["kl"] for r in rows if r["kl"] is not None]
-    return {
-        "prompts": len(rows),
-        "pm_score_sl_cai": sum(r["score_sl"] for r in rows) / len(rows) if scored else None,
-        f"pm_score_{name}": sum(r[f"score_{who}"] for r in rows) / len(rows) if scored else None,
-        "pm_score_difference": sum(diffs) / len(diffs) if scored else None,
-        "pm_score_difference_ci95": [lo, hi],
-        f"win_rate_{name}": sum(credit) / len(credit),
-        "win_rate_ci95": [wlo, whi],
-        "wins": sum(c == 1.0 for c in credit), "ties": sum(c == 0.5 for c in credit), "losses": sum(c == 0.0 for c in credit),
-        f"mean_p_{name}_better": sum(r[f"p_{who}"] for r in rows) / len(rows),
-        f"kl_{who}_to_sl_nats_per_response": sum(kls) / len(kls) if kls else None,
-    }
-
-
-def evaluate(cfg: Config, run_dir: RunDir, sets: list, sl_policy: str, rl_model: Path, score: ScoreFn | None,
-             name: str = "rl_cai", loaded: dict | None = None) -> tuple[dict, list[dict]]:
-    """The trained policy at `rl_model` (RL-CAI; DPO for `cai dpo`) vs SL-CAI on the held-out prompts
-    `sets`: (eval results, per-prompt samples).
-
-    `cfg` gives the sampling (max_new_tokens, temperature, seed), the judge (feedback_model) and the
-    KL estimator (algorithm). `name` names the trained policy in the keys (`cai dpo` passes "dpo");
-    without a preference model (`score` None) the PM scores are None. `loaded`: the float32 models
-    already in memory (`train`'s), used instead of loading them again."""
-    from ..backends import GenerationParams, load_backend
-    from ..backends.hf import HFBackend
-    from ..constitution import load_constitution, load_fewshot
-    from .label import Comparison, Labeler, combine, draw_principles
-
-    params = GenerationParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
-    convs = [p.messages for _, p in sets]
-    answers, logprobs, rl_ids, loaded = {}, {}, [], loaded or {}
-    trained, title = name.removesuffix("_cai"), name.replace("_", "-").upper()  # "rl", "RL-CAI"; "dpo", "DPO"
-    for who, model in (("rl", str(rl_model)), ("sl", sl_policy)):  # same params and seeds: common random numbers
-        if loaded.get(who) is not None:
-            backend = HFBackend.from_model(loaded[who], loaded["tokenizer"], name=model, batch_size=8)
-        else:
-            backend = load_backend(model, dtype="float32", batch_size=8)
-        ids = backend.generate_ids(convs, params)
-        answers[who] = [backend.tokenizer.decode(i, skip_special_tokens=True).strip() for i in ids]
-        rl_ids = rl_ids or ids
-        logprobs[who] = response_logprobs(backend, convs, rl_ids, cfg.temperature)  # of the RL-CAI samples
-    sl_backend = backend
-    kind = "k1" if cfg.algorithm == "rloo" else "k3"
-    kls = [float(kl_estimate(a, b, kind).sum()) for a, b in zip(logprobs["rl"], logprobs["sl"])]
-    s_rl, s_sl = (score(convs, answers["rl"]), score(convs, answers["sl"])) if score else ([None] * len(convs),) * 2
-
-    lcfg = _label_config(run_dir)
-    judge = resolve_model(cfg.feedback_model if cfg.feedback_model != "auto" else lcfg.feedback_model, run_dir)
-    same = judge == sl_policy and lcfg.dtype == "float32"
-    fb = sl_backend if same else load_backend(judge, dtype=lcfg.dtype, batch_size=lcfg.batch_size)
-    constitution = load_constitution(None if lcfg.constitution == "default" else lcfg.constitution)
-    labeler = Labeler(fb, load_fewshot(None, "feedback")[: lcfg.fewshot], chat=lcfg.chat, cot=lcfg.cot, cot_max_new_tokens=lcfg.cot_max_new_tokens,
-                      cot_temperature=lcfg.cot_temperature, clamp_low=lcfg.clamp_low, clamp_high=lcfg.clamp_high, seed=lcfg.seed)
-    comps = [Comparison(p.id, p.messages, (answers["rl"][i], answers["sl"][i]), draw_principles(constitution, lcfg.principles, lcfg.seed, p.id))
-             for i, (_, p) in enumerate(sets)]
-    chunks = [comps[k : k + lcfg.batch_size] for k in range(0, len(comps), lcfg.batch_size)]
-    orders = [o for c in tqdm(chunks, desc=f"{trained}: {title} vs SL-CAI", unit="batch", file=sys.stderr) for o in labeler.label(c)]
-    samples = []
-    as_float = lambda x: None if x is None else float(x)  # noqa: E731
-    for i, ((set_name, p), o) in enumerate(zip(sets, orders)):
-        p_rl = combine(o)[0]  # P(response 0 = the trained policy better), both orders averaged
-        w = winner(p_rl)
-        samples.append({"id": p.id, "set": set_name, "prompt": p.prompt, name: answers["rl"][i], "sl_cai": answers["sl"][i],
-                        f"score_{trained}": as_float(s_rl[i]), "score_sl": as_float(s_sl[i]), f"p_{trained}": p_rl,
-                        "winner": None if w is None else (trained, "sl")[w], "kl": kls[i]})
-    result = {
-        "all": _compare(samples, name),
-        "by_set": {n: _compare([s for s in samples if s["set"] == n], name) for n in dict.fromkeys(n for n, _ in sets)},
-        "policies": {name: str(rl_model), "sl_cai": sl_policy}, "feedback_model": fb.name,
-        "sampling": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
-        "kl_estimator": kind, "training_split": cfg.split, "prompt_split": "test",
-    }
-    return result, samples
 
 
 # ---------------------------------------------------------------------------------------- output
@@ -472,24 +246,6 @@ def model_card(cfg: Config, summary: dict, evaluation: dict | None) -> str:
                   f"(95% CI {a['win_rate_ci95'][0]:.2f} to {a['win_rate_ci95'][1]:.2f})"]
     lines += ["", f"date: {now()}", ""]
     return "\n".join(lines)
-
-
-def _mean(values: list) -> float | None:
-    values = [v for v in values if v is not None]
-    return round(sum(values) / len(values), 4) if values else None
-
-
-def _fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _model_stamp(model: str | Path) -> object:
-    """What identifies a model's weights: its files' names, sizes and mtimes for a local directory (a
-    retrained model is a new directory), else the model string."""
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        return str(model)
-    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir()) if f.is_file()]
 
 
 def train(cfg: Config, run_dir: RunDir, rows: list[dict], counts: dict, policy: str, reward: PolicyReward, pm_metrics: dict | None,
@@ -526,9 +282,9 @@ def train(cfg: Config, run_dir: RunDir, rows: list[dict], counts: dict, policy: 
     summary = {
         "policy": policy, "reward_model": reward_name, "algorithm": cfg.algorithm, "prompts": counts,
         "steps": steps, "resumed_from_step": resumed_from, "stopped_early": guard.stopped,
-        "score_first": _mean([r["rl/score"] for r in records[:tail]]), "score_last": _mean([r["rl/score"] for r in records[-tail:]]),
-        "reward_last": _mean([r["rl/reward"] for r in records[-tail:]]), "kl_last": _mean([r["rl/kl"] for r in records[-tail:]]),
-        "length_last": _mean([r["rl/length"] for r in records[-tail:]]),
+        "score_first": mean([r["rl/score"] for r in records[:tail]]), "score_last": mean([r["rl/score"] for r in records[-tail:]]),
+        "reward_last": mean([r["rl/reward"] for r in records[-tail:]]), "kl_last": mean([r["rl/kl"] for r in records[-tail:]]),
+        "length_last": mean([r["rl/length"] for r in records[-tail:]]),
         "pm_heldout_accuracy": ((pm_metrics or {}).get("heldout") or {}).get("accuracy"),
         "pm_mc_accuracy": ((pm_metrics or {}).get("mc") or {}).get("accuracy"),
         "warnings": warnings, "seconds": round(seconds, 1), **speed(seconds, steps - resumed_from, tokens), **trainer.speed_facts,
@@ -582,18 +338,18 @@ def run(cfg: Config, run_dir: RunDir, reward_fn: ScoreFn | None = None) -> dict:
     if pm_at_chance(pm_metrics) and distributed.is_main():
         print(f"[rl] note: the preference model is near chance ({pm_at_chance(pm_metrics)}); its reward may carry no signal", file=sys.stderr)
     if reward_fn is None:
-        from ..preference_model import PreferenceModel
+        from ...preference_model import PreferenceModel
 
         reward_fn = PreferenceModel.from_pretrained(pm_dir, dtype=cfg.dtype, batch_size=cfg.batch_size * cfg.num_generations).score
-        reward_name, reward_stamp = str(pm_dir), _model_stamp(pm_dir)
+        reward_name, reward_stamp = str(pm_dir), model_stamp(pm_dir)
     else:  # an injected reward is the caller's to keep fixed across a resume
         reward_name, reward_stamp = getattr(reward_fn, "__name__", "injected reward function"), None
     policy = resolve_model(cfg.policy, run_dir)
 
     # A checkpoint or a trained model is only valid for the prompts and models it was trained with.
-    from ..backends.base import model_path
+    from ...backends import model_path
 
-    fingerprint, checkpoint_dir = _fingerprint(rows, _model_stamp(model_path(policy)), reward_stamp), out / "checkpoints"
+    fingerprint, checkpoint_dir = inputs_fingerprint(rows, model_stamp(model_path(policy)), reward_stamp), out / "checkpoints"
     stamp = checkpoint_dir / "inputs.sha256"
     with distributed.main_first() as main:  # the main process cleans up and writes; the other ranks then read
         if main:

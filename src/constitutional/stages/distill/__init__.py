@@ -2,7 +2,7 @@
 
 Seeds: "Dialogue prompting versus Fine-Tuning on Instructions/Context" and "Context distillation";
 paper: Askell et al. 2021 (arXiv 2112.00861), context distillation (p. 10) and Figure 2 (p. 5: no
-intervention vs prompted vs context distilled on HHH evaluations). The teacher is the model with C (`context.PromptedBackend`), p0(y | C, x); the student starts
+intervention vs prompted vs context distilled on HHH evaluations). The teacher is the model with C (`backends.prompted.PromptedBackend`), p0(y | C, x); the student starts
 as the same model and sees the prompt x only. The loss is the token-level KL over the full
 vocabulary, teacher first, on the response tokens only (prompt and padding masked):
 
@@ -49,360 +49,44 @@ also sent to TensorBoard (`logs/`) and/or W&B with `report_to` (transformers' ca
 
 Run: `cai distill --run-dir runs/x` (`--set context=my_context.yaml --set lora=true`).
 
+Layout: `teacher.py` (steps 1 to 3 and the top-k targets of step 5), `student.py` (the loss,
+checkpoints and data order of step 4), this module (the training loop and the stage), `config.py`.
+
 Departures: the paper distilled on pretraining-style text with a 52B model; we distill on the
-teacher's own samples to chat prompts (ARCHITECTURE.md "Training"). The teacher is the `hf` backend's
+teacher's own samples to chat prompts (docs/ARCHITECTURE.md "Training"). The teacher is the `hf` backend's
 copy of the model (in the backend's dtype: bf16 where the hardware has it) held beside the student,
 so training holds two copies of the weights. Single process only.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
-import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Sequence
 
 from tqdm import tqdm
 
-from ..backends import GenerationParams, load_backend
-from ..backends.base import Request, run_queue
-from ..config import opt, to_dict
-from ..context import PromptedBackend, load_context
-from ..data.loaders import load_mc
-from ..errors import UserError
-from ..run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now
-from . import load_prompt_sets
-from ..training import LoopLogger, checkpointing_setting, lora_config, plan_step, report_targets, save_model, speed, tracking, training_dtype
+from ...backends import load_backend
+from ...backends.prompted import PromptedBackend
+from ...config import to_dict
+from ...context import load_context
+from ...data.loaders import load_mc
+from ...errors import UserError
+from ...run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now
+from ...training import LoopLogger, checkpointing_setting, lora_config, plan_step, report_targets, save_model, speed, tracking, training_dtype
+from .. import load_prompt_sets
+from .config import Config
+from .student import batch_loss, epoch_batches, epoch_order, heldout_kl, load_checkpoint, save_checkpoint
+from .teacher import Example, Teacher, encode_examples, precompute_topk, response_logits, sample_teacher
 
-
-@dataclass
-class Config:
-    model: str = opt("embedded", "the model: the teacher is it with the context C, the student starts as it without C (embedded, a local model directory or a hub id)")
-    context: str = opt("builtin", "the context C: builtin (the HHH context) or a .yaml/.json/.txt file")
-    prompts: str = opt("builtin:helpful+builtin:redteam", "prompt sets the teacher answers for training, joined by '+'")
-    split: str = opt("train", "which split of `prompts` to train on: train, test or all")
-    limit: int = opt(0, "training prompts per prompt set (0 = all)")
-    eval_prompts: str = opt("", "held-out prompt sets, their test split ('' = the `prompts` sets); prompts trained on are left out")
-    eval_limit: int = opt(16, "held-out prompts per prompt set (0 = all)")
-    teacher_samples: int = opt(1, "teacher samples y ~ p0(.|C, x) per prompt")
-    temperature: float = opt(1.0, "teacher sampling temperature (1 = samples from p0 itself, 0 = greedy)")
-    max_new_tokens: int = opt(96, "tokens per teacher sample")
-    epochs: float = opt(1.0, "passes over the teacher samples (ignored when max_steps > 0)")
-    max_steps: int = opt(0, "optimizer steps (0 = use epochs)")
-    learning_rate: float = opt(2e-5, "peak learning rate, linear decay to 0 (LoRA usually wants ~10x more)")
-    batch_size: int = opt(4, "examples per optimizer step; also the generation and scoring batch")
-    top_k: int = opt(0, "0 = KL over the full vocabulary; k > 0 = over the teacher's top-k tokens plus one bucket for the rest, precomputed once")
-    lora: bool = opt(False, "train a LoRA adapter (merged into the weights at the end) instead of all weights")
-    lora_r: int = opt(16, "LoRA rank")
-    lora_alpha: int = opt(32, "LoRA scale numerator (scale = alpha / r)")
-    dtype: str = opt("auto", "auto (bf16 where the hardware has it, else float32), bfloat16 or float32")
-    gradient_checkpointing: str = opt("auto", "recompute the student's activations in the backward pass (less memory, slower): auto (only when a batch would not fit in memory), on or off")
-    group_by_length: bool = opt(True, "batch teacher samples of similar length together (less padding; batches still in random order)")
-    memory_mb: int = opt(0, "memory this process may use, MB: a batch is split into micro-batches (same steps and gradients), then checkpointed, until a step fits (0 = the machine's free memory)")
-    save_steps: int = opt(50, "steps between checkpoints (a rerun resumes from the newest)")
-    mc: str = opt("builtin:mc", "multiple-choice set for the plain / prompted / distilled accuracies ('' = skip)")
-    mc_limit: int = opt(0, "multiple-choice items to score (0 = all)")
-    report_to: str = opt("none", "experiment tracking: none, tensorboard (<run>/distill/logs), wandb or tensorboard,wandb")
-    seed: int = opt(0, "random seed (teacher samples, data order)")
-
-
-from ..distill_math import kl_per_token, token_kl, topk_targets, topk_token_kl
-
-
-# ----------------------------------------------------------------------------------- teacher samples
-
-
-def sample_teacher(teacher, items: Sequence[dict], cfg: Config, shard: RecordShard) -> None:
-    """Sample `teacher_samples` responses per item (`{"prompt": loaders.Prompt, "split": "train" or
-    "eval"}`) from the prompted model and append them to `shard`; samples already there are skipped."""
-    params = GenerationParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n=cfg.teacher_samples, seed=cfg.seed)
-    todo = [it for it in items if any(f"{it['prompt'].id}#{j}" not in shard.done for j in range(cfg.teacher_samples))]
-    bar = tqdm(total=len(todo), desc="distill: teacher samples", unit="prompt", file=sys.stderr)
-
-    def sampled(req: Request, texts: list) -> None:
-        it = req.key
-        p = it["prompt"]
-        for j, text in enumerate(texts):
-            if f"{p.id}#{j}" not in shard.done:
-                shard.append({
-                    "id": f"{p.id}#{j}", "prompt_id": p.id, "split": it["split"], "prompt": p.prompt, "messages": p.messages,
-                    "response": str(text), "truncated": bool(getattr(text, "truncated", False)),
-                })
-        bar.update(1)
-
-    with bar:
-        run_queue(teacher, [Request(it["prompt"].messages, params, key=it) for it in todo], sampled)
-
-
-# -------------------------------------------------------------------------------------------- tokens
-
-
-@dataclass
-class Example:
-    """One teacher sample as token ids. `*_ids` = prompt ids + the shared response ids; `*_start` =
-    where the response begins (the loss covers `ids[start:]`)."""
-
-    id: str
-    split: str
-    teacher_ids: list[int]
-    teacher_start: int
-    student_ids: list[int]
-    student_start: int
-
-    @property
-    def response_len(self) -> int:
-        return len(self.student_ids) - self.student_start
-
-
-def response_ids(backend, messages: list[dict], response: str, ended: bool) -> list[int]:
-    """The response's token ids as the chat template writes an assistant turn, plus the template's
-    end-of-turn token when the sample ended by itself (not cut by max_new_tokens)."""
-    tok = backend.tokenizer
-    ids = tok(response, add_special_tokens=False)["input_ids"]
-    if ended:
-        prompt = backend.render_chat(messages)
-        full = backend.render_chat(messages + [{"role": "assistant", "content": response}], add_generation_prompt=False)
-        tail = full[len(prompt) + len(response):] if full.startswith(prompt + response) else ""
-        tail_ids = tok(tail, add_special_tokens=False)["input_ids"]
-        stop = next((i for i, t in enumerate(tail_ids) if t in backend.eos_ids), None)
-        if stop is not None:
-            ids += tail_ids[: stop + 1]
-        elif tok.eos_token_id is not None:  # no chat template (transcript form): the tokenizer's eos
-            ids.append(tok.eos_token_id)
-    return ids
-
-
-def encode_examples(backend, teacher: PromptedBackend, records: Sequence[dict]) -> list[Example]:
-    """Token ids for each teacher sample: the student's input never contains C (plain rendering)."""
-    tok, out = backend.tokenizer, []
-    for r in records:
-        y = response_ids(backend, r["messages"], r["response"], not r["truncated"])
-        if not y:
-            continue
-        s = tok(backend.render_chat(r["messages"]), add_special_tokens=False)["input_ids"]
-        t = tok(teacher.render_chat(r["messages"]), add_special_tokens=False)["input_ids"]
-        if len(t) + len(y) > backend.max_positions:
-            raise UserError(
-                f"distill: prompt {r['prompt_id']!r} with the context and its response is {len(t) + len(y)} tokens, more than "
-                f"the {backend.max_positions} of {backend.name}; use a shorter context, shorter prompts or a smaller max_new_tokens"
-            )
-        out.append(Example(r["id"], r["split"], t + y, len(t), s + y, len(s)))
-    return out
-
-
-def response_logits(model, seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int, cache=None, prefix_len: int = 0):
-    """Logits predicting each response token: row b's response is `seqs[b][starts[b]:]`.
-
-    seqs: B token-id lists, following `prefix_len` tokens held in `cache` (a KV cache for a batch
-    of B, or None); starts[b] >= 1. Right padding; logits are kept only from the first position
-    that predicts a response token. Returns (logits (B, R, V), mask (B, R) bool), R = the longest
-    response; row b's entries past its response are padding (mask False).
-    """
-    import torch
-
-    dev = next(model.parameters()).device
-    B, T = len(seqs), max(len(s) for s in seqs)
-    R = max(len(s) - st for s, st in zip(seqs, starts))
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, prefix_len + T), dtype=torch.long)
-    attn[:, :prefix_len] = 1
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.tensor(s)
-        attn[b, prefix_len : prefix_len + len(s)] = 1
-    first = min(starts) - 1
-    out = model(
-        input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=(prefix_len + torch.arange(T)).expand(B, T).to(dev),
-        cache=cache, use_cache=False, logits_to_keep=T - first,
-    )
-    r = torch.arange(R)
-    idx = (torch.tensor(starts)[:, None] - 1 - first + r[None, :]).clamp(max=T - first - 1)
-    mask = r[None, :] < torch.tensor([len(s) - st for s, st in zip(seqs, starts)])[:, None]
-    logits = out.logits.gather(1, idx.to(dev)[:, :, None].expand(B, R, out.logits.shape[-1]))
-    return logits, mask.to(dev)
-
-
-class Teacher:
-    """p0(· | C, x, y<t) from the frozen model; the prefix shared by all teacher inputs (C) is
-    encoded once and its KV cache reused by every batch."""
-
-    def __init__(self, model, examples: Sequence[Example], pad_id: int):
-        import torch
-
-        from ..backends.hf import _lcp
-
-        self.model, self.pad_id = model, pad_id
-        prompts = [e.teacher_ids[: e.teacher_start] for e in examples]
-        self.prefix = list(prompts[0][: min(_lcp(prompts), min(len(p) for p in prompts) - 1)])
-        self.cache = None
-        if self.prefix:
-            with torch.no_grad():
-                dev = next(model.parameters()).device
-                self.cache = model(input_ids=torch.tensor([self.prefix], device=dev), use_cache=True, logits_to_keep=1).cache
-
-    def logits(self, batch: Sequence[Example]):
-        """(logits (B, R, V), mask (B, R)) of the teacher on the batch's response tokens."""
-        import torch
-
-        P = len(self.prefix)
-        cache = None
-        if self.cache is not None:
-            cache = copy.deepcopy(self.cache)  # the forward appends to the cache it is given
-            cache.batch_repeat_interleave(len(batch))
-        with torch.no_grad():
-            return response_logits(self.model, [e.teacher_ids[P:] for e in batch], [e.teacher_start - P for e in batch], self.pad_id, cache, P)
-
-
-def student_logits(student, batch: Sequence[Example], pad_id: int, bf16: bool):
-    """(logits (B, R, V), mask (B, R)) of the student (input without C) on the response tokens."""
-    import torch
-
-    dev = next(student.parameters()).device
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-        return response_logits(student, [e.student_ids for e in batch], [e.student_start for e in batch], pad_id)
-
-
-def _pad_targets(targets: Sequence[tuple], R: int):
-    """Stack per-example top-k targets ((T_i, k) log-probs, (T_i, k) ids, (T_i,) rest) into
-    (B, R, k), (B, R, k) and (B, R) tensors (padding: zeros, masked out by the loss)."""
-    import torch
-
-    k = targets[0][0].shape[-1]
-    lp, ix, rest = torch.zeros((len(targets), R, k)), torch.zeros((len(targets), R, k), dtype=torch.long), torch.zeros((len(targets), R))
-    for b, (v, i, r) in enumerate(targets):
-        lp[b, : len(v)], ix[b, : len(i)], rest[b, : len(r)] = v, i, r
-    return lp, ix, rest
-
-
-def precompute_topk(teacher: Teacher, examples: Sequence[Example], k: int, batch_size: int) -> dict[str, tuple]:
-    """The teacher's top-k targets ((T_i, k) log-probs, (T_i, k) ids, (T_i,) rest) per example id."""
-    import torch
-
-    out = {}
-    chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
-    for chunk in tqdm(chunks, desc="distill: teacher top-k", unit="batch", file=sys.stderr):
-        logits, _ = teacher.logits(chunk)
-        values, indices, rest = topk_targets(logits, k)
-        for b, e in enumerate(chunk):
-            n = e.response_len
-            out[e.id] = (values[b, :n].cpu(), indices[b, :n].to(torch.int32).cpu(), rest[b, :n].cpu())
-    return out
-
-
-def batch_loss(student, teacher: Teacher, batch: Sequence[Example], pad_id: int, bf16: bool, targets: dict | None = None):
-    """The distillation loss of one batch (scalar; full-vocabulary KL, or top-k when `targets`)."""
-    s_logits, mask = student_logits(student, batch, pad_id, bf16)
-    if targets is None:
-        t_logits, _ = teacher.logits(batch)
-        return token_kl(t_logits, s_logits, mask)
-    lp, ix, rest = (t.to(s_logits.device) for t in _pad_targets([targets[e.id] for e in batch], s_logits.shape[1]))
-    return topk_token_kl(lp, ix, rest, s_logits, mask)
-
-
-def heldout_kl(student, teacher: Teacher, examples: Sequence[Example], pad_id: int, bf16: bool, batch_size: int, desc: str) -> dict:
-    """Per-token full-vocabulary KL(p0(·|C, x, y<t) ‖ p(·|x, y<t)) over all response tokens of `examples`."""
-    import torch
-
-    total, tokens = 0.0, 0
-    was_training = student.training
-    student.eval()
-    chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
-    with torch.no_grad():
-        for chunk in tqdm(chunks, desc=f"distill: held-out KL {desc}", unit="batch", file=sys.stderr):
-            s_logits, mask = student_logits(student, chunk, pad_id, bf16)
-            t_logits, _ = teacher.logits(chunk)
-            kl = kl_per_token(t_logits, s_logits)
-            total += float(torch.where(mask, kl, torch.zeros_like(kl)).sum())
-            tokens += int(mask.sum())
-    student.train(was_training)
-    return {"kl_per_token": total / max(1, tokens), "tokens": tokens, "examples": len(examples)}
-
-
-# ------------------------------------------------------------------------------------------ training
-
-
-def _checkpoints(directory: Path) -> list[tuple[int, Path]]:
-    out = []
-    for d in directory.glob("step-*"):
-        try:
-            out.append((int(d.name.split("-", 1)[1]), d))
-        except ValueError:
-            continue
-    return sorted(out)
-
-
-def save_checkpoint(directory: Path, step: int, student, optimizer, state: dict) -> None:
-    """Trainable weights, optimizer and `state` into `directory/step-<step>` (temp dir + rename);
-    older checkpoints are removed afterwards."""
-    import torch
-
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save({n: p.detach().cpu() for n, p in student.named_parameters() if p.requires_grad}, tmp / "trainable.pt")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    atomic_write_json(tmp / "state.json", {**state, "step": step})
-    target = directory / f"step-{step}"
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    for s, d in _checkpoints(directory):
-        if s != step:
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def load_checkpoint(directory: Path, fingerprint: str, student, optimizer) -> dict | None:
-    """Restore the newest checkpoint made for these examples (`fingerprint`); its state, or None."""
-    import torch
-
-    for _, d in reversed(_checkpoints(directory)):
-        try:
-            state = json.loads((d / "state.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue
-        if state.get("fingerprint") != fingerprint:
-            return None
-        student.load_state_dict(torch.load(d / "trainable.pt", weights_only=True), strict=False)
-        optimizer.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
-        return state
-    return None
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The example order of one epoch: a function of (seed, epoch) only, so resume replays it."""
-    order = list(range(n))
-    random.Random(f"{seed}:{epoch}").shuffle(order)
-    return order
-
-
-GROUP = 16  # batches per length-sorted group
-
-
-def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group: bool) -> list[list[int]]:
-    """The batches (example indices) of one epoch, a function of (seed, epoch) only (resume replays it).
-
-    Without `group`: `epoch_order` cut into batches. With it: that order is cut into groups of
-    GROUP batches, each group sorted by length (longest first) and cut into batches, and the batches
-    are shuffled: a batch's examples have similar lengths, so it carries little padding, while the
-    batches still come in random order (transformers' LengthGroupedSampler does the same).
-    """
-    order = epoch_order(len(lengths), seed, epoch)
-    if not group:
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    span = GROUP * batch_size
-    batches = []
-    for g in range(0, len(order), span):
-        ranked = sorted(order[g : g + span], key=lambda i: -lengths[i])
-        batches += [ranked[i : i + batch_size] for i in range(0, len(ranked), batch_size)]
-    random.Random(f"{seed}:{epoch}:batches").shuffle(batches)
-    return batches
+__all__ = ["Config", "run", "train", "train_step", "load_student", "sample_teacher", "encode_examples", "response_logits", "Teacher",
+           "epoch_order", "epoch_batches", "PromptedBackend", "load_context"]
 
 
 def train_step(student, optimizer, teacher: Teacher, batch, pad_id: int, bf16: bool, lr: float, targets: dict | None,
@@ -561,7 +245,7 @@ def split_prompts(cfg: Config, run_dir: RunDir) -> tuple[list, list]:
 
 def run(cfg: Config, run_dir: RunDir) -> dict:
     _check(cfg)
-    from ..backends.hf import HFBackend
+    from ...backends.hf import HFBackend
 
     context = load_context(cfg.context)
     train_prompts, eval_prompts = split_prompts(cfg, run_dir)
@@ -598,7 +282,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
                      "distill.gradient_checkpointing", held=sum(4 * p.numel() for p in student.parameters()), limit_mb=cfg.memory_mb)
     checkpointing, speed_facts = plan.checkpointing, plan.facts
     if checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # transformers 5 name
     fingerprint = _fingerprint(examples, cfg)
     before_path = out / "eval_before.json"
     before = json.loads(before_path.read_text(encoding="utf-8")) if before_path.is_file() else None
@@ -640,7 +324,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
         "model": str(out / "model"),
     }
     if checkpointing:
-        student.gradient_checkpointing_disable()
+        student.activation_checkpointing_disable()
     distilled_model = student.merge_and_unload() if cfg.lora else student
     save_model(SimpleNamespace(model=distilled_model, processing_class=backend.tokenizer), out / "model", model_card(cfg, summary))
     if items:  # the paper's three bars: no intervention, prompted, context distilled

@@ -1,0 +1,77 @@
+"""One decode step's token choice for the `hf` backend, shared by its decode paths (the running
+batch of `hf_decode.py` and the static-cache batches of `hf_static.py`).
+
+Each row samples with its own generator seeded from (seed, prompt, sample index) (`row_seed`), so
+results do not depend on batch composition or order (reproducible with a seed, also after a
+resume). Departure: the repetition penalty is CTRL-style over the generated tokens only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import torch
+
+from .base import GenerationParams
+
+
+def row_seed(seed: int, ids: Sequence[int], sample: int) -> int:
+    h = hashlib.sha256(f"{seed}:{sample}:".encode() + bytes(str(list(ids)), "utf-8")).digest()
+    return int.from_bytes(h[:8], "big") & ((1 << 63) - 1)
+
+
+def penalise_repeats(logits: torch.Tensor, generated: list[list[int]], penalty: float) -> torch.Tensor:
+    """logits: (rows, vocab); each row's already generated tokens get the repetition penalty."""
+    logits = logits.clone()
+    for k, ids in enumerate(generated):
+        if ids:
+            idx = torch.tensor(sorted(set(ids)), device=logits.device)
+            vals = logits[k, idx]
+            logits[k, idx] = torch.where(vals > 0, vals / penalty, vals * penalty)
+    return logits
+
+
+class Sampling:
+    """`HFBackend`'s per-step bookkeeping: sample, record, stop at eos or a stop string, count."""
+
+    def _step(self, logits, active: list[int], generated: list[list[int]], ended: list[bool], gens, params: GenerationParams):
+        """One decode step's bookkeeping, shared by both decode paths: penalise repeats, sample a token
+        for each active row (logits: one row per active row), record it or mark the row ended (eos or
+        a stop string). Returns (tokens, keep: positions in `active` of the rows still generating)."""
+        if params.repetition_penalty != 1.0:
+            logits = penalise_repeats(logits, [generated[r] for r in active], params.repetition_penalty)
+        tokens = self._sample(logits, [gens[r] for r in active], params)
+        keep = []
+        for k, r in enumerate(active):
+            t = int(tokens[k])
+            if t in self.eos_ids:
+                ended[r] = True
+                continue
+            generated[r].append(t)
+            if params.stop and self._hit_stop(generated[r], params.stop):
+                ended[r] = True
+                continue
+            keep.append(k)
+        self.stats["generated_tokens"] += len(active)
+        self.stats["decode_steps"] += 1
+        self.stats["decode_rows"] += len(active)
+        return tokens, keep
+
+    def _hit_stop(self, ids: list[int], stops: list[str]) -> bool:
+        tail = self.tokenizer.decode(ids[-32:], skip_special_tokens=True)
+        return any(s in tail for s in stops)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, gens: list[torch.Generator], params: GenerationParams) -> torch.Tensor:
+        """One token per row. logits: (rows, vocab) float32 on the model device."""
+        if params.temperature == 0:
+            return logits.argmax(-1).cpu()
+        probs = torch.softmax(logits / params.temperature, dim=-1).cpu()
+        if params.top_p < 1.0:
+            sorted_p, sorted_i = probs.sort(dim=-1, descending=True)
+            cum = sorted_p.cumsum(-1)
+            drop = cum - sorted_p > params.top_p  # keep the smallest set whose mass reaches top_p
+            sorted_p[drop] = 0
+            probs = torch.zeros_like(probs).scatter_(-1, sorted_i, sorted_p)
+        return torch.stack([torch.multinomial(probs[k], 1, generator=g)[0] for k, g in enumerate(gens)])
