@@ -19,7 +19,7 @@ from constitutional.config import field_help
 from constitutional.run import RunDir
 from constitutional.stages import report
 
-ALL_SECTIONS = ["overview", "elo", "revision-rounds", "behaviour", "sft", "preference-model", "labeler", "rl", "dpo", "distill", "chains"]
+ALL_SECTIONS = ["overview", "elo", "revision-quality", "revision-rounds", "behaviour", "sft", "preference-model", "labeler", "rl", "dpo", "distill", "chains"]
 HOSTILE = '<script>alert("x")</script> & <img src="http://evil.example/x.png">'
 MODELS = {"base": "embedded", "sl-cai": "runs/x/sft/model", "rl-cai": "runs/x/rl/model"}
 
@@ -241,7 +241,7 @@ def test_record_text_is_escaped(full):
 
 def test_only_the_sections_whose_inputs_exist(tmp_path):
     summary, text, page = _report(make_run_dir(tmp_path / "run", stages=("revise", "sft")), chains=1)
-    assert summary["sections"] == ["overview", "sft", "chains"]
+    assert summary["sections"] == ["overview", "revision-quality", "sft", "chains"]
     assert summary["missing"] == ["elo", "revision-rounds", "behaviour", "preference-model", "labeler", "rl", "dpo", "distill"]
     assert page.sections["elo"] == "missing" and "not run: cai eval" in text
     assert "not run: cai train-pm" in text and "not run: cai label" in text and "not run: cai rl" in text and "not run: cai distill" in text
@@ -250,6 +250,23 @@ def test_only_the_sections_whose_inputs_exist(tmp_path):
     assert text.count('<article class="chain">') == 1 and "rt-0001" in text  # usable chains first
     assert summary["report"] == str(tmp_path / "run" / "report" / "report.html")
     assert sorted(p.name for p in (tmp_path / "run" / "report").iterdir()) == ["report.html"]  # no temp file left
+
+
+def test_revision_quality_from_the_summary_or_recomputed_from_the_records(tmp_path):
+    from constitutional import revision_quality as rq
+
+    run = make_run_dir(tmp_path / "run", stages=("revise",))
+    records = [dict(_revision(i, usable=True), final_response=text, initial_response="Sure, step one.")
+               for i, text in enumerate(["I can't help with that.", "The request is harmful.", "Please talk to a counsellor instead."])]
+    _write(run / "revise" / "revisions.jsonl", records)
+    _, text, page = _report(run, chains=0)
+    assert page.sections["revision-quality"] == "shown" and "3 of 3 chains have a usable final revision" in text
+    assert "<td>all</td><td>3</td><td>67%</td><td>33%</td><td>33%</td><td>–</td>" in text  # addresses, declines, redirects, few-shot unknown
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest.setdefault("stages", {})["revise"] = {"status": "done", "summary": {"quality": rq.summarise(records, "I can't help with that.")}}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    _, text, _ = _report(run, chains=0)
+    assert "<td>all</td><td>3</td><td>67%</td><td>33%</td><td>33%</td><td>33%</td>" in text  # the first one repeats the "few-shot" text
 
 
 def test_tolerates_nulls_and_missing_keys(tmp_path):

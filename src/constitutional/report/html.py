@@ -13,7 +13,9 @@ they mirror (Bai et al. 2022, arXiv 2212.08073; plots.py says what each figure d
 
 1. overview: the manifest (stages, status, seconds, config hashes, versions, git commit), headline numbers.
 2. elo: harmlessness vs helpfulness Elo per model (Figure 2).
-3. revision-rounds: PM score over critique → revision rounds (Figure 5).
+3. revision-quality: what the final revisions do (address the human, decline, redirect, copy
+   few-shot or critique text), by principle; revision-rounds: PM score over critique → revision
+   rounds (Figure 5).
 4. behaviour: refusal and over-refusal rates, multiple-choice accuracy, truthfulness plain vs
    prompted, prompt-injection follow and flip rates (from `eval/results.json`).
 5. sft: the SL-CAI fine-tuning loss.
@@ -46,6 +48,7 @@ from .elo import elo
 from .labeler import labeler
 from .overview import overview
 from .preference_model import preference_model
+from .revision_quality import revision_quality
 from .revision_rounds import revision_rounds
 from .rl import rl
 from .sft import sft
@@ -90,6 +93,7 @@ window.addEventListener("load", function () {
 SECTIONS: list[tuple[str, str, Callable[..., str]]] = [
     ("overview", "Run overview", overview),
     ("elo", "Harmlessness vs helpfulness (Elo)", elo),
+    ("revision-quality", "Revision quality (the SL-CAI data)", revision_quality),
     ("revision-rounds", "PM score over revision rounds", revision_rounds),
     ("behaviour", "Refusals, multiple choice, truthfulness, prompt injection", behaviour),
     ("sft", "Supervised stage (SL-CAI) training", sft),
