@@ -143,7 +143,8 @@ class ScriptedBackend:
         return [list(self.score(p, o)) for p, o in zip(prompts, options)]
 
     def sequence_logprobs(self, prompts, continuations):
-        return [0.0 for _ in prompts]
+        self.calls.append(("sequence_logprobs", list(prompts)))
+        return [float(self.score(p, [c])[0]) for p, c in zip(prompts, continuations)]
 
     def render_chat(self, conversation, add_generation_prompt=True):
         from constitutional.backends.base import as_messages

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from ..backends import GenerationParams, load_backend
 from ..backends.base import Request, generation_meter, run_queues
-from .. import revision_quality
+from .. import revision_quality, selector
 from ..cleaning import Cleaned, clean, words
 from ..config import opt
 from ..constitution import CritiquePrinciple, load_constitution, load_fewshot
@@ -77,6 +77,7 @@ class Config:
     max_new_tokens: int = opt(128, "tokens per response or revision")
     critique_max_new_tokens: int = opt(96, "tokens per critique")
     retries: int = opt(2, "resamples of a critique or revision that fails cleaning before the round is dropped")
+    revision_samples: int = opt(1, "candidates per revision; above 1 the usable one the drawn principle makes most likely is kept (best-of-n, constitutional/selector.py)")
     system_prompt: str = opt("", "system prompt for the model ('' = the chat template's own default)")
     seed: int = opt(0, "random seed (principle draws and sampling)")
 
@@ -158,7 +159,7 @@ class _Driver:
         pr = c.principles[r]
         extra = [{"role": "user", "content": pr.critique}, {"role": "assistant", "content": c.critique.text}] if self.cfg.critique else []
         temperature = self.cfg.revision_temperature if self.cfg.revision_temperature >= 0 else self.params.temperature
-        params = replace(self.params, seed=self._seed(r, True, attempt), temperature=temperature)
+        params = replace(self.params, seed=self._seed(r, True, attempt), temperature=temperature, n=self.cfg.revision_samples)
         return self.backend, Request(c.messages(*extra, {"role": "user", "content": pr.revision}), params, key=(c, "revision", r, attempt))
 
     def _round_start(self, c: _Chain, r: int) -> list:
@@ -178,6 +179,19 @@ class _Driver:
         if cl.problem:
             self.counts[f"{kind}/{cl.problem}"] += 1
         return cl
+
+    def _best(self, c: _Chain, r: int, texts: list, critique_text: str) -> Cleaned:
+        """The revision kept of this attempt's candidates: the only one, or among the usable ones
+        the selector's best (the first candidate's problem when none is usable)."""
+        pr = c.principles[r]
+        cleaned = [self._clean(t, "revision", requests=(pr.critique, pr.revision), critique=critique_text, prompt=c.prompt["prompt"],
+                               fewshot=c.fewshot) for t in texts]
+        usable = [x for x in cleaned if not x.problem]
+        if len(usable) <= 1:
+            return usable[0] if usable else cleaned[0]
+        scores = selector.pmi_scores(self.backend, c.prompt["messages"], pr.revision, [x.text for x in usable])
+        self.counts["revision/selected_from"] += len(usable)
+        return usable[selector.pick(scores)]
 
     def on_done(self, req: Request, texts: list) -> list:
         c, phase, r, attempt = req.key
@@ -199,8 +213,7 @@ class _Driver:
                 return self._round_start(c, r + 1)
             return [self._revision(c, r, 0)]
         critique_text = c.critique.text if self.cfg.critique else ""
-        cl = self._clean(text, "revision", requests=(pr.critique, pr.revision), critique=critique_text, prompt=c.prompt["prompt"],
-                         fewshot=c.fewshot)
+        cl = self._best(c, r, texts, critique_text)
         if cl.problem and attempt < self.cfg.retries:
             self.counts["revision/retries"] += 1
             return [self._revision(c, r, attempt + 1)]
@@ -248,6 +261,8 @@ def _helpful_requests(cfg, backend, params, shard: RecordShard, prompts, counts,
 def run(cfg: Config, run_dir: RunDir) -> dict:
     if cfg.rounds < 1 or cfg.helpful_samples < 0 or cfg.retries < 0 or cfg.fewshot_count < 0:
         raise UserError("revise: rounds must be >= 1 and helpful_samples, retries, fewshot_count >= 0")
+    if cfg.revision_samples < 1:
+        raise UserError(f"revise.revision_samples = {cfg.revision_samples}: must be >= 1 (1 = no selection)")
     if cfg.revision_temperature < 0 and cfg.revision_temperature != -1:
         raise UserError(f"revise.revision_temperature = {cfg.revision_temperature}: use -1 (the same as temperature), 0 (greedy) or more")
     t0 = time.time()
