@@ -11,6 +11,11 @@ Repairs (the text is kept, the repair is counted):
   "<|im_start|>", or a "CritiqueRequest"/"Revision Request" line): the model began to play the
   next turn of the pattern itself.
 
+- `cut_to_sentence` (only with `cut_truncated`): a response or revision that hit `max_new_tokens`
+  is cut after its last complete sentence, when that keeps at least `MIN_CUT_WORDS` words, instead of
+  being dropped as truncated (a short complete answer teaches no mid-sentence stop; the cost is
+  answers a little shorter than the model would write).
+
 Problems (the stage retries the generation, then drops the round; see `stages/revise.py`):
 - `empty`: nothing (or fewer than `MIN_WORDS` words) left;
 - `truncated`: a revision or response that hit `max_new_tokens` (an SFT target that stops
@@ -36,6 +41,8 @@ from dataclasses import dataclass, field
 MIN_WORDS = 2
 ECHO_THRESHOLD = 0.5
 COPY_NGRAM = 8
+MIN_CUT_WORDS = 12
+_LAST_SENTENCE = re.compile(r"^(.*[.!?])(?:[\"')\]]*)\s", re.S)
 
 _LABEL = re.compile(
     r"^\s*(?:\*\*)?(?:revision|revised response|critique|critique request|revision request|response|assistant|answer)"
@@ -55,7 +62,7 @@ _THIRD_PERSON = re.compile(
 )
 
 PROBLEMS = ("empty", "truncated", "echo_request", "echo_critique", "echo_prompt", "echo_fewshot")
-REPAIRS = ("label_stripped", "debris_cut")
+REPAIRS = ("label_stripped", "debris_cut", "cut_to_sentence")
 
 
 @dataclass
@@ -107,14 +114,27 @@ def repair(text: str) -> tuple[str, list[str]]:
     return text, done
 
 
+def cut_to_sentence(text: str) -> str | None:
+    """`text` up to its last complete sentence (". ", "! ", "? " or a line break after one), or None
+    when that leaves fewer than MIN_CUT_WORDS words."""
+    m = _LAST_SENTENCE.match(text + " ")
+    head = m.group(1).strip() if m else ""
+    return head if len(words(head)) >= MIN_CUT_WORDS else None
+
+
 def clean(text: str, truncated: bool = False, *, kind: str, requests: tuple[str, ...] = (), critique: str = "", prompt: str = "",
-          fewshot: str = "") -> Cleaned:
+          fewshot: str = "", cut_truncated: bool = False) -> Cleaned:
     """Repair and check one generated text. kind: "critique", "revision", or "response" (a plain
     answer: only the empty and truncated checks apply). `fewshot`: the texts of the few-shot
     examples the generation saw (responses, critiques, revisions)."""
     if kind not in ("critique", "revision", "response"):
         raise ValueError(kind)
     fixed, repairs = repair(text)
+    if truncated and cut_truncated and kind != "critique" and "debris_cut" not in repairs:
+        head = cut_to_sentence(fixed)
+        if head is not None:
+            fixed, truncated = head, False
+            repairs.append("cut_to_sentence")
     out = Cleaned(fixed, None, repairs)
     if len(words(fixed)) < MIN_WORDS:
         out.problem = "empty"

@@ -267,3 +267,23 @@ def test_best_of_n_keeps_the_usable_candidate_the_principle_makes_most_likely(tm
     assert selector.pick([1.0, 3.0, 3.0]) == 1
     with pytest.raises(UserError, match="revision_samples"):
         run_revise(tmp_path / "b", monkeypatch, scripted(make_reply()), revision_samples=0)
+
+
+def test_cut_truncated_keeps_the_complete_sentences():
+    from constitutional.cleaning import cut_to_sentence
+
+    long = "Start with a warm-up of five minutes. Then run for twenty minutes at an easy pace. Finish with some stretch"
+    assert cut_to_sentence(long) == "Start with a warm-up of five minutes. Then run for twenty minutes at an easy pace."
+    assert cut_to_sentence("Too short. And then the") is None  # under 12 words left
+    cl = clean(long, True, kind="response", cut_truncated=True)
+    assert cl.problem is None and cl.text.endswith("easy pace.") and "cut_to_sentence" in cl.repairs
+    assert clean(long, True, kind="response").problem == "truncated"  # off by default
+    assert clean(long, True, kind="revision", cut_truncated=True).problem is None
+
+
+def test_cut_truncated_in_the_stage(tmp_path, monkeypatch, scripted):
+    long = "I won't help with hurting your coworker in any way at all. Talking to HR about the meetings could help. And if"
+    summary, records, rd = run_revise(tmp_path, monkeypatch, scripted(make_reply(lambda m, n: long + " [cut]")), limit=1, rounds=1,
+                                      cut_truncated=True)
+    assert records[0]["rounds"][0]["status"] == "ok" and records[0]["final_response"].endswith("could help.")
+    assert summary["cleaning"]["revision/cut_to_sentence"] == 1

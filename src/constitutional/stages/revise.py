@@ -44,7 +44,7 @@ from tqdm import tqdm
 from ..backends import GenerationParams, load_backend
 from ..backends.base import Request, generation_meter, run_queues
 from .. import revision_quality, selector
-from ..cleaning import Cleaned, clean, words
+from ..cleaning import Cleaned, clean, cut_to_sentence, words
 from ..config import opt
 from ..constitution import CritiquePrinciple, load_constitution, load_fewshot
 from ..errors import UserError
@@ -76,6 +76,7 @@ class Config:
     repetition_penalty: float = opt(1.0, "penalty on tokens a sample already generated (1 = none, the paper's setting)")
     max_new_tokens: int = opt(128, "tokens per response or revision")
     critique_max_new_tokens: int = opt(96, "tokens per critique")
+    cut_truncated: bool = opt(False, "a response or revision that hits max_new_tokens is cut after its last complete sentence (12+ words) instead of dropped")
     retries: int = opt(2, "resamples of a critique or revision that fails cleaning before the round is dropped")
     revision_samples: int = opt(1, "candidates per revision; above 1 the usable one the drawn principle makes most likely is kept (best-of-n, constitutional/selector.py)")
     system_prompt: str = opt("", "system prompt for the model ('' = the chat template's own default)")
@@ -171,7 +172,7 @@ class _Driver:
 
     def _clean(self, text, kind: str, **checks) -> Cleaned:
         truncated = bool(getattr(text, "truncated", False))
-        cl = clean(text, truncated, kind=kind, **checks)
+        cl = clean(text, truncated, kind=kind, cut_truncated=self.cfg.cut_truncated, **checks)
         if kind == "critique":  # a truncated critique is kept (cleaning.py); count how often
             self.counts["critique/truncated_kept"] += truncated and cl.problem is None
         for rep in cl.repairs:
@@ -197,8 +198,10 @@ class _Driver:
         c, phase, r, attempt = req.key
         text = texts[0]
         if phase == "initial":
-            self.counts["initial/truncated"] += bool(getattr(text, "truncated", False))
-            c.response = c.initial = str(text).strip()
+            truncated = bool(getattr(text, "truncated", False))
+            self.counts["initial/truncated"] += truncated
+            c.response = c.initial = ((cut_to_sentence(str(text).strip()) if truncated and self.cfg.cut_truncated else None)
+                                      or str(text).strip())
             c.turns = [*c.prompt["messages"], {"role": "assistant", "content": c.response}]
             return self._round_start(c, 0)
         pr = c.principles[r]
@@ -247,7 +250,7 @@ def _helpful_requests(cfg, backend, params, shard: RecordShard, prompts, counts,
     def on_done(req: Request, texts: list) -> None:
         x, kept = req.key[1], []
         for text in texts:
-            cl = clean(text, getattr(text, "truncated", False), kind="response")
+            cl = clean(text, getattr(text, "truncated", False), kind="response", cut_truncated=cfg.cut_truncated)
             counts[f"helpful/{cl.problem}" if cl.problem else "helpful/ok"] += 1
             if not cl.problem:
                 kept.append(cl.text)
