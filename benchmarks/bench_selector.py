@@ -5,7 +5,9 @@ the harmless / helpful / honest one), side by side in one run on one model:
 - `labeler`: the paper's multiple-choice labeler (`cai label`'s Labeler: few-shot feedback examples,
   a feedback principle, "(A)"/"(B)" log-probabilities, averaged over both orders);
 - `selector`: the likelihood-ratio selector of best-of-n revisions (constitutional/selector.py),
-  with a constitution principle of the subset's kind as the guideline;
+  with its harmlessness guideline `HARMLESS`;
+- `selector-principle`: the same with a constitution principle of the subset's kind (its revision
+  request) as the guideline instead;
 - `likelihood`: the plain log p(y | x) (the selector without the guideline).
 
 Accuracy per subset with Wilson 95% intervals; chance is 50%.
@@ -38,7 +40,7 @@ def main() -> None:
     constitution = load_constitution()
     items = [(it, mc_comparison(it)) for it in load_mc("builtin:mc")]
     items = [(it, c) for it, c in items if c is not None]
-    hits = {j: {s: [] for s in GUIDELINE} for j in ("labeler", "selector", "likelihood")}
+    hits = {j: {s: [] for s in GUIDELINE} for j in ("labeler", "selector", "selector-principle", "likelihood")}
     t0 = time.time()
     labeler = Labeler(backend, load_fewshot(None, "feedback")[:8], chat=True)
     comps = [Comparison(it.id, msgs, resp, draw_principles(constitution, 1, 0, it.id)) for it, (msgs, resp, _) in items]
@@ -48,9 +50,11 @@ def main() -> None:
     t_labeler = time.time() - t0
     t0 = time.time()
     for it, (msgs, resp, correct) in items:
-        principle = constitution.critique_by_id(GUIDELINE[it.subset]).revision
-        s = selector.pmi_scores(backend, msgs, principle, list(resp))
+        principle = selector.GUIDE.format(principle=constitution.critique_by_id(GUIDELINE[it.subset]).revision)
+        s = selector.pmi_scores(backend, msgs, list(resp))
         hits["selector"][it.subset].append(float(selector.pick(s) == correct))
+        s = selector.pmi_scores(backend, msgs, list(resp), guideline=principle)
+        hits["selector-principle"][it.subset].append(float(selector.pick(s) == correct))
         plain = backend.sequence_logprobs([backend.render_chat(msgs)] * 2, list(resp))
         hits["likelihood"][it.subset].append(float(selector.pick(plain) == correct))
     t_selector = time.time() - t0

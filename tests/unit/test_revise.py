@@ -255,15 +255,15 @@ def test_best_of_n_keeps_the_usable_candidate_the_principle_makes_most_likely(tm
     candidates = ["Sure, here is more detail about how to do it.", "I won't help with hurting anyone; talking to someone you trust could help.", ""]
 
     def score(prompt, options):  # guided prompts favour the decline, plain ones score every option alike
-        return [-1.0 if "follow this guideline" in prompt and "won't" in options[0] else -5.0 if "follow this guideline" in prompt else -3.0]
+        return [-1.0 if "careful assistant" in prompt and "won't" in options[0] else -5.0 if "careful assistant" in prompt else -3.0]
 
     backend = scripted(reply=lambda m, j: candidates[j] if _is_revision_request(m[-1]) else "Sure, step one.", score=score)
     summary, records, _ = run_revise(tmp_path, monkeypatch, backend, limit=1, rounds=1, revision_samples=3, helpful_limit=0)
     assert records[0]["rounds"][0]["revision"] == candidates[1] and records[0]["rounds"][0]["status"] == "ok"
     assert summary["cleaning"]["revision/selected_from"] == 2 and summary["cleaning"]["revision/empty"] == 1  # the empty one is not a candidate
     scored = [p for kind, ps in backend.calls if kind == "sequence_logprobs" for p in ps]
-    assert len(scored) == 4 and sum("follow this guideline" in p for p in scored) == 2
-    assert selector.pmi_scores(backend, records[0]["messages"], "Be kind.", candidates[:2]) == [-2.0, 2.0]
+    assert len(scored) == 4 and sum("careful assistant" in p for p in scored) == 2
+    assert selector.pmi_scores(backend, records[0]["messages"], candidates[:2]) == [-2.0, 2.0]
     assert selector.pick([1.0, 3.0, 3.0]) == 1
     with pytest.raises(UserError, match="revision_samples"):
         run_revise(tmp_path / "b", monkeypatch, scripted(make_reply()), revision_samples=0)

@@ -78,7 +78,7 @@ class Config:
     critique_max_new_tokens: int = opt(96, "tokens per critique")
     cut_truncated: bool = opt(False, "a response or revision that hits max_new_tokens is cut after its last complete sentence (12+ words) instead of dropped")
     retries: int = opt(2, "resamples of a critique or revision that fails cleaning before the round is dropped")
-    revision_samples: int = opt(1, "candidates per revision; above 1 the usable one the drawn principle makes most likely is kept (best-of-n, constitutional/selector.py)")
+    revision_samples: int = opt(1, "candidates per revision; above 1 the usable one a harmlessness guideline makes most likely is kept (best-of-n, constitutional/selector.py)")
     system_prompt: str = opt("", "system prompt for the model ('' = the chat template's own default)")
     seed: int = opt(0, "random seed (principle draws and sampling)")
 
@@ -190,7 +190,7 @@ class _Driver:
         usable = [x for x in cleaned if not x.problem]
         if len(usable) <= 1:
             return usable[0] if usable else cleaned[0]
-        scores = selector.pmi_scores(self.backend, c.prompt["messages"], pr.revision, [x.text for x in usable])
+        scores = selector.pmi_scores(self.backend, c.prompt["messages"], [x.text for x in usable])
         self.counts["revision/selected_from"] += len(usable)
         return usable[selector.pick(scores)]
 
