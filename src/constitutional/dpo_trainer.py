@@ -96,6 +96,9 @@ class SoftDPOTrainer(DPOTrainer):
             metrics["kl"].append(kl.item())
             metrics["logps/chosen"].append(gather(policy_chosen.detach()).mean().item())
             metrics["logps/rejected"].append(gather(policy_rejected.detach()).mean().item())
+            if mode == "train":  # the real tokens trained on, as TRL's own compute_loss counts them (the summary's tokens/s)
+                self._total_train_tokens += int(gather(inputs["attention_mask"].sum()).sum().item()) // self._tp_size
+            metrics["num_tokens"] = [self._total_train_tokens]
         if return_outputs:
             return loss, {"policy_chosen": policy_chosen, "policy_rejected": policy_rejected,
                           "reference_chosen": ref_chosen, "reference_rejected": ref_rejected}
