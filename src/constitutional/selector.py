@@ -24,7 +24,8 @@ paper's multiple-choice labeler in 54% (35-72%) and the plain likelihood log p(y
 (it prefers the compliant answer every time). Why it is fair: the comparisons it was checked on
 are never trained on, and the behaviour evaluation judges with a different instrument (the
 refusal classifier on held-out prompts). What it is not: a helpfulness judge (it prefers
-declining); it only chooses among revisions of answers to red-team prompts.
+declining: on the 24 helpful pairs, where the better answer is the one that helps instead of refusing,
+it is right in only 21%); it only chooses among revisions of answers to red-team prompts.
 """
 
 from __future__ import annotations
