@@ -25,6 +25,12 @@ prompt gets the examples whose topics best match its first principle (a few dist
 still cached once). The initial response is
 generated from the prompt alone, as the model answers users (no few-shot, no constitution).
 
+Departures (off by default, levers for small models): `revision_samples: n` samples n revisions
+per request and keeps the usable one that `selector.py`'s harmlessness guideline makes most likely
+(best-of-n; the paper keeps its single sample); `cut_truncated` cuts a text that hit
+`max_new_tokens` after its last sentence instead of dropping it; `revision_temperature` samples the
+revisions at their own temperature. Every summary has `quality` (`revision_quality.py`).
+
 Departures: few-shot examples given as raw text blocks (the paper's JSON form) go into one system
 message instead of chat turns. A round whose critique or revision is still unusable after
 `retries` resamples is dropped (`status: dropped:<problem>`) and the next round critiques the last
