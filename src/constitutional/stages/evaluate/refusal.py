@@ -15,20 +15,23 @@ from ... import eval_math
 from ...refusal import is_refusal
 
 
+def refused(answers: dict, sets: dict, kind: str) -> list[bool]:
+    """The classifier's verdict on each answer of set `kind`, in the set's order."""
+    return [is_refusal(answers[j["id"]]["response"]) for j in sets[kind]]
+
+
 def refusal_rates(answers: dict, sets: dict) -> dict:
     out = {}
-    for kind, key in (("harmful", "harmful"), ("benign", "benign")):
-        responses = [answers[j["id"]]["response"] for j in sets[kind]]
-        k = sum(is_refusal(r) for r in responses)
-        out[f"{key}_refusal_rate"] = k / len(responses) if responses else None
-        out[f"{key}_ci"] = list(eval_math.wilson(k, len(responses)))
-        out[f"n_{key}"] = len(responses)
+    for key in ("harmful", "benign"):
+        verdicts = refused(answers, sets, key)
+        k = sum(verdicts)
+        out[f"{key}_refusal_rate"] = k / len(verdicts) if verdicts else None
+        out[f"{key}_ci"] = list(eval_math.wilson(k, len(verdicts)))
+        out[f"n_{key}"] = len(verdicts)
     return out
 
 
 def refusal_changes(answers: dict[str, dict], sets: dict, names: list[str]) -> dict[str, dict]:
     """name -> {harmful, benign: paired_change against names[0]}, for every name after the first."""
-    def refused(n: str, kind: str) -> list[bool]:
-        return [is_refusal(answers[n][j["id"]]["response"]) for j in sets[kind]]
-
-    return {n: {kind: eval_math.paired_change(refused(names[0], kind), refused(n, kind)) for kind in ("harmful", "benign")} for n in names[1:]}
+    base = {kind: refused(answers[names[0]], sets, kind) for kind in ("harmful", "benign")}
+    return {n: {kind: eval_math.paired_change(base[kind], refused(answers[n], sets, kind)) for kind in base} for n in names[1:]}
