@@ -20,6 +20,7 @@ from pathlib import Path
 from . import distributed, stages
 from .config import build, config_hash, load_yaml, merge, opt, parse_overrides, to_dict
 from .errors import UserError
+from .memory import current_mb, peak_mb, reset_peak, trim
 from .run import RunDir
 
 
@@ -87,6 +88,8 @@ def run_stage(name: str, module, cfg, run_dir: RunDir, force: bool) -> dict | No
         if main:
             print(f"[{name}] already done with this config, skipped (use --force to rerun)", file=sys.stderr)
         return run_dir.stage_status(name).get("summary")
+    start_mb = current_mb()
+    reset_peak()
     try:
         summary = module.run(cfg, run_dir)
     except BaseException as e:
@@ -99,6 +102,8 @@ def run_stage(name: str, module, cfg, run_dir: RunDir, force: bool) -> dict | No
         return summary
     if procs > 1:
         summary = {**(summary or {}), "processes": procs}
+    # the stage's own peak (the high-water mark was reset when it began) and what it started from
+    summary = {**(summary or {}), "peak_rss_mb": peak_mb(), "start_rss_mb": start_mb}
     run_dir.finish(name, summary)
     secs = run_dir.stage_status(name).get("seconds")
     where = f" on {procs} processes" if procs > 1 else ""
@@ -111,14 +116,10 @@ def release_memory() -> None:
     model, gradients and optimizer state in them, and Python's collector runs on object counts,
     not bytes), and hand the freed heap back to the OS (glibc), so that the next stage of a
     pipeline starts from what the process really holds."""
-    import ctypes
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    trim()
 
 
 def cmd_stage(args) -> int:
@@ -175,18 +176,20 @@ def headline(run_dir: RunDir, names: list[str]) -> list[str]:
     """The end-of-run lines: the verdict on each trained model (`verdict_lines`), seconds per stage,
     peak memory, and the numbers that say whether each stage did what the paper says (from the
     stages' summaries and eval/results.json)."""
-    import resource
-
     st = run_dir.manifest["stages"]
     secs = [(n, st.get(n, {}).get("seconds")) for n in names]
     total = sum(s for _, s in secs if s)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     summ = {n: st.get(n, {}).get("summary") or {} for n in st}
+    peaks = [(n, summ.get(n, {}).get("peak_rss_mb")) for n in names]
+    peaks = [(n, p) for n, p in peaks if p is not None]
+    top = max(peaks, key=lambda x: x[1]) if peaks else None
     results = run_dir.path / "eval" / "results.json"
     out = [""]
     if "eval" in summ and results.is_file():  # the verdict first
         out += verdict_lines(json.loads(results.read_text(encoding="utf-8")))
-    out.append("== timings (s): " + ", ".join(f"{n} {s:.0f}" for n, s in secs if s is not None) + f"; total {total:.0f} s; peak memory {peak:.0f} MB")
+    out.append("== timings (s): " + ", ".join(f"{n} {s:.0f}" for n, s in secs if s is not None) + f"; total {total:.0f} s")
+    if top:
+        out.append("== peak memory (MB): " + ", ".join(f"{n} {p:.0f}" for n, p in peaks) + f"; highest {top[1]:.0f} ({top[0]})")
     if summ.get("label", {}).get("verdict"):
         out.append(f"== labeler: {summ['label']['verdict']}")
     pm = summ.get("train-pm", {})

@@ -102,3 +102,22 @@ def test_store_moves_and_shifts_rows():
     assert s.n == 4 and s.k[0][1, 0, :4, 0].tolist() == [4, 5, 6, 7] and s.mask[1, :4].tolist() == [False, False, True, True]
     s.reserve(9, 600)  # growth keeps the content
     assert s.rows_cap >= 9 and s.cols_cap >= 600 and s.k[0][1, 0, :4, 0].tolist() == [4, 5, 6, 7]
+
+
+def test_schedule_runs_without_autograd(tiny_model_dir):
+    """Stages call `schedule` outside any `no_grad`. With autograd on, every decode step's graph stayed
+    alive through the KV buffers it writes into: revise on the embedded model ended holding 7 GB of
+    activations (200k live tensors). No forward of the scheduler may record a graph, and the KV
+    buffers never require grad."""
+    b = HFBackend(str(tiny_model_dir), dtype="float32", max_rows=2, token_budget=256, min_prefix_tokens=4)
+    seen: list[bool] = []
+    hook = b.model.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    assert torch.is_grad_enabled()
+    results: dict = {}
+    b.schedule([Request(c, GenerationParams(max_new_tokens=8, temperature=1.0, seed=1), key=i) for i, c in enumerate(CONVS + LONG)],
+               lambda r, out: results.__setitem__(r.key, out))
+    hook.remove()
+    assert len(results) == len(CONVS + LONG) and seen and not any(seen)
+    decoder = b._decoder()
+    decoder.run([Request(LONG[0], GenerationParams(max_new_tokens=4, temperature=0))], lambda r, out: None)
+    assert decoder.store.k and not any(t.requires_grad for t in decoder.store.k + decoder.store.v)

@@ -33,9 +33,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from ..memory import trim
 from .base import GenerationParams, Request
 from .hf_cache import kv_shape, prefill_layout
 from .hf_sampling import penalise_repeats, row_seed
+
+
+TRIM_EVERY = 16  # decode steps between handing freed heap pages back to the OS (`memory.trim`)
 
 
 class _Store:
@@ -148,7 +152,11 @@ class ContinuousDecoder:
         self.cache = SlotCache(self.store)
 
     # ------------------------------------------------------------ queue
+    @torch.no_grad()
     def run(self, requests, on_done) -> None:
+        """Generate `requests` and the ones `on_done` returns. Without autograd: `schedule` is called
+        from stages, outside any `no_grad`, and with it every decode step's graph stayed alive through
+        the KV buffers it writes into (revise held 7 GB of activations at its end)."""
         self.waiting: deque[_Row] = deque()
         self.left: dict[int, list] = {}  # id(request) -> [results by sample, samples left]
         self.on_done = on_done
@@ -156,11 +164,16 @@ class ContinuousDecoder:
         self.logits = None  # (B, vocab) float32: the next token's logits of every live row
         self.submitted = 0
         self._submit(list(requests), front=False)
+        steps = 0
         while self.waiting or self.active:
             if self.active:
                 self._decode_step()
+                steps += 1
+                if steps % TRIM_EVERY == 0:
+                    trim()
             if self.waiting:
                 self._admit()
+        trim()
 
     def _submit(self, requests: list[Request], front: bool) -> None:
         rows = []

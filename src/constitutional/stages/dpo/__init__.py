@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import resource
 import shutil
 import sys
 import time
@@ -56,6 +55,7 @@ from pathlib import Path
 
 from ...config import to_dict
 from ...errors import UserError
+from ...memory import peak_mb
 from ...run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now, read_jsonl
 from ...training import (keep_matching_checkpoints, last_checkpoint, load_causal_lm, plan_step,
                         lora_config, save_model, speed, tracking, trainer_args, training_dtype)
@@ -180,7 +180,7 @@ def train(cfg: Config, run_dir: RunDir, data: tuple, policy: str, reference: str
         "accuracy_last": mean("dpo/accuracy", tail), "margin_last": mean("dpo/margin", tail), "kl_last": mean("dpo/kl", tail),
         "seconds": round(seconds, 1), **trainer.speed_facts,
         **speed(seconds, steps - resumed_from, getattr(trainer, "_total_train_tokens", 0)),
-        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_memory_mb": peak_mb(),
         "lora": cfg.lora, "dtype": training_dtype(cfg.dtype), "model": str(out / "model"),
     }
     save_model(trainer, out / "model", model_card(cfg, summary, None))

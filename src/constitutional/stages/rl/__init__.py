@@ -56,7 +56,6 @@ from __future__ import annotations
 import gc
 import json
 import random
-import resource
 import shutil
 import sys
 import time
@@ -66,6 +65,7 @@ from typing import Callable
 from ... import distributed
 from ...config import to_dict
 from ...errors import UserError
+from ...memory import peak_mb
 from ...run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now, read_jsonl
 from .. import load_prompt_sets, resolve_model
 from ...training import (checkpointing_setting, keep_matching_checkpoints, last_checkpoint, load_causal_lm, lora_config, plan_step,
@@ -288,7 +288,7 @@ def train(cfg: Config, run_dir: RunDir, rows: list[dict], counts: dict, policy: 
         "pm_heldout_accuracy": ((pm_metrics or {}).get("heldout") or {}).get("accuracy"),
         "pm_mc_accuracy": ((pm_metrics or {}).get("mc") or {}).get("accuracy"),
         "warnings": warnings, "seconds": round(seconds, 1), **speed(seconds, steps - resumed_from, tokens), **trainer.speed_facts,
-        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_memory_mb": peak_mb(),
         "lora": cfg.lora, "dtype": training_dtype(cfg.dtype), "model": str(out / "model"),
     }
     save_model(trainer, out / "model", model_card(cfg, summary, None))  # every rank takes part
