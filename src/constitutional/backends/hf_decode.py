@@ -156,7 +156,7 @@ class ContinuousDecoder:
     def run(self, requests, on_done) -> None:
         """Generate `requests` and the ones `on_done` returns. Without autograd: `schedule` is called
         from stages, outside any `no_grad`, and with it every decode step's graph stayed alive through
-        the KV buffers it writes into (revise held 7 GB of activations at its end)."""
+        the KV buffers it writes into (revise ended holding over 5 GB of them, 8.2 GB peak)."""
         self.waiting: deque[_Row] = deque()
         self.left: dict[int, list] = {}  # id(request) -> [results by sample, samples left]
         self.on_done = on_done
