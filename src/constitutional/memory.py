@@ -47,9 +47,9 @@ def trim() -> None:
     """Hand the heap's free pages back to the OS (glibc's `malloc_trim`; a no-op elsewhere).
 
     A decode loop allocates transients whose sizes change every step (the attention over a
-    growing cache); glibc keeps what they freed, fragmented, so a long generation stage held 8 GB
-    resident for under 1 GB of live tensors. Trimming now and then keeps the resident set near what
-    is live."""
+    growing cache), and glibc keeps much of what they free: three rounds of 24 rows with 1,000-token
+    prompts on the embedded model left 1.9 GB resident where 0.8 GB was live (`malloc_trim` gave the
+    rest back). The hf decoder trims every 16 decode steps; 22 trims cost 0.18 s of a 171 s run."""
     global _libc
     if _libc is None:
         import ctypes
