@@ -34,10 +34,16 @@ def peak_mb() -> float:
     return round(hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def current_mb() -> float | None:
-    """Resident memory now, MB (None where /proc is missing)."""
-    rss = _status_mb("VmRSS")
-    return None if rss is None else round(rss, 1)
+def rss() -> int:
+    """This process's resident memory, bytes."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def current_mb() -> float:
+    """Resident memory now, MB."""
+    return round(rss() / 2**20, 1)
 
 
 _libc = None

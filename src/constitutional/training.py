@@ -24,6 +24,7 @@ from typing import Sequence
 from urllib.parse import urlparse
 
 from .errors import UserError
+from .memory import rss
 
 
 def load_causal_lm(spec: str, setting: str):
@@ -319,13 +320,6 @@ class StepPlan:
     micro_batches: int
     checkpointing: bool
     facts: dict
-
-
-def rss() -> int:
-    """This process's resident memory, bytes."""
-    import psutil
-
-    return psutil.Process().memory_info().rss
 
 
 def plan_step(setting: str, config, lengths: Sequence[int], batch: int, padded: bool, bf16: bool, params: int, trainable: int,
