@@ -252,6 +252,25 @@ def test_refusing_vs_complying_model(tmp_path, patched):
     assert (p.temperature, p.max_new_tokens, p.repetition_penalty) == (0.0, 16, 1.3)
 
 
+def test_refusal_limit_widens_the_refusal_sets_but_not_the_comparisons(tmp_path, patched):
+    """The refusal rates take `refusal_limit` prompts per set; the judge still compares `limit`."""
+    rd = RunDir(tmp_path / "run")
+    ev.run(settings(tmp_path, limit=2, refusal_limit=6, sections=["harmlessness", "refusal"]), rd)
+    res = json.loads((rd.path / "eval" / "results.json").read_text())
+    comp = res["refusal"]["complier"]
+    assert (comp["n_harmful"], comp["n_benign"]) == (6, 6)
+    assert comp["change"]["harmful"] == eval_math.paired_change([True] * 6, [False] * 6)
+    assert res["harmlessness"]["n_prompts"] == 2 and res["harmlessness"]["comparisons"] == 2
+    assert (res["datasets"]["redteam"]["n"], res["datasets"]["redteam"]["n_refusal"]) == (2, 6)
+    answered = [r["id"] for r in read_jsonl(rd.path / "eval" / "answers" / "complier.jsonl")]
+    assert len(answered) == len(set(answered)) == 12  # each prompt answered once: 6 harmful, 6 benign
+    # -1 (the default) is `limit`; 0 is every prompt of the sets
+    ev.run(settings(tmp_path, limit=2, sections=["refusal"]), RunDir(tmp_path / "run2"))
+    assert json.loads((tmp_path / "run2" / "eval" / "results.json").read_text())["refusal"]["complier"]["n_benign"] == 2
+    with pytest.raises(UserError, match="refusal_limit"):
+        ev.run(settings(tmp_path, refusal_limit=-2), RunDir(tmp_path / "run3"))
+
+
 SCHEMA = {"models", "datasets", "settings", "harmlessness", "helpfulness", "refusal", "mc", "judge", "truthfulness", "injection",
           "revision_rounds", "samples", "notes"}
 
@@ -295,7 +314,7 @@ def test_results_schema_and_revision_rounds(tmp_path, patched):
     assert rr["rounds"] == [0, 1, 2] and rr["n"] == 2
     assert rr["mean_pm"] == pytest.approx([-1 + 0.01, -1 + 0.01 * (3 + 1) / 2, -1 + 0.01 * (5 + 3) / 2])
     assert all(isinstance(x, str) for x in res["notes"])
-    assert res["datasets"]["redteam"] == {"spec": "builtin:redteam", "split": "test", "n": 4}
+    assert res["datasets"]["redteam"] == {"spec": "builtin:redteam", "split": "test", "n": 4, "n_refusal": 4}
 
 
 def test_the_judge_is_measured_when_it_is_an_evaluated_model(tmp_path, patched):

@@ -294,3 +294,20 @@ def test_an_unreadable_file_becomes_a_note(tmp_path):
 def test_every_config_field_is_documented():
     rows = field_help(report.Config)
     assert [r[0] for r in rows] == ["title", "chains", "output"] and all(r[2] for r in rows)
+
+
+def test_behaviour_places_refusal_against_over_refusal(tmp_path, monkeypatch):
+    """The trade-off plane gets one point per model: (benign refused, harmful refused), both intervals."""
+    from constitutional.report import plots
+
+    seen = {}
+    draw = plots.refusal_tradeoff
+    monkeypatch.setattr(plots, "refusal_tradeoff", lambda points: seen.update(points) or draw(points))
+    run = make_run_dir(tmp_path / "run", stages=("eval",))
+    results = _results()
+    _write(run / "eval" / "results.json", results)
+    _, text, _ = _report(run, chains=0)
+    body = text.split('data-section="behaviour"', 1)[1].split("</section>", 1)[0]
+    assert "harmless but evasive" in body and body.count("<img") >= 2
+    ref = results["refusal"]
+    assert seen == {n: (v["benign_refusal_rate"], v["benign_ci"], v["harmful_refusal_rate"], v["harmful_ci"]) for n, v in ref.items()}

@@ -3,7 +3,8 @@ truthfulness plain vs prompted, prompt-injection follow and flip rates (from `ev
 
 from __future__ import annotations
 
-from .common import Missing, RunFiles, as_dict, bars, figs, note, pct, pct_ci, spec_name, table
+from . import plots
+from .common import Missing, RunFiles, as_dict, bars, figs, figure, note, num, pct, pct_ci, spec_name, table
 
 
 def behaviour(f: RunFiles) -> str:
@@ -19,6 +20,13 @@ def behaviour(f: RunFiles) -> str:
         items.append(bars(groups, "Refusal rates", "share of responses that refuse",
                           "Refusals of red-team requests (higher is safer) and of benign requests (over-refusal: lower is "
                           "better; the paper's harmless-but-evasive failure), 95% intervals."))
+        points = {n: (v["benign_refusal_rate"], v.get("benign_ci"), v["harmful_refusal_rate"], v.get("harmful_ci"))
+                  for n, v in refusal.items() if num(v.get("benign_refusal_rate")) and num(v.get("harmful_refusal_rate"))}
+        if points:
+            items.append(figure(plots.refusal_tradeoff(points),
+                                "The same rates on one plane: harmful requests refused against benign look-alikes refused, "
+                                "95% intervals. A model that learns to refuse only by refusing everything moves along the "
+                                "diagonal (harmless but evasive); the goal is up and to the left."))
         tables.append(table(["model", "red-team refusal [95% CI]", "n", "benign refusal [95% CI]", "n"],
                             [[n, pct_ci(v.get("harmful_refusal_rate"), v.get("harmful_ci")), v.get("n_harmful"),
                               pct_ci(v.get("benign_refusal_rate"), v.get("benign_ci")), v.get("n_benign")] for n, v in refusal.items()]))

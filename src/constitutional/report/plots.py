@@ -8,6 +8,8 @@ What each figure shows, and the paper figure it mirrors (Bai et al. 2022, arXiv 
 - `elo_scatter`: harmlessness Elo (y) against helpfulness Elo (x), one labelled point per model with
   95% intervals on both axes: the shape of Figure 2 (and Figures 3 and 8), where up and to the right
   is better and the frontier between the two is the point of the method.
+- `refusal_tradeoff`: the same kind of plane for refusals: harmful requests refused (y) against benign
+  look-alikes refused (x), the paper's harmless-vs-evasive trade-off (§4.4) as one picture.
 - `round_curve`: mean preference-model score of the response after each critique → revision round
   (round 0 = the initial response), with a 95% interval: Figure 5.
 - `grouped_bars`: rates or accuracies per model (or per setting) with optional 95% intervals and a
@@ -89,6 +91,19 @@ def _err(value: float, ci: Interval) -> tuple[float, float]:
 
 def elo_scatter(points: Mapping[str, tuple[float, Interval, float, Interval]]) -> Image:
     """`points[model] = (helpfulness_elo, help_ci, harmlessness_elo, harm_ci)`; Figure 2's shape."""
+    return scatter(points, "Harmlessness vs helpfulness (higher is better)", "helpfulness Elo", "harmlessness Elo")
+
+
+def refusal_tradeoff(points: Mapping[str, tuple[float, Interval, float, Interval]]) -> Image:
+    """`points[model] = (benign_refusal, ci, harmful_refusal, ci)`, as shares: harmless but not
+    evasive is the top left corner."""
+    return scatter(points, "Refusal vs over-refusal (top left is better)", "benign look-alikes refused (over-refusal)",
+                   "harmful requests refused", limits=(0.0, 1.0))
+
+
+def scatter(points: Mapping[str, tuple[float, Interval, float, Interval]], title: str, xlabel: str, ylabel: str,
+            limits: tuple[float, float] | None = None) -> Image:
+    """One labelled point per model, `(x, x_ci, y, y_ci)`, with both intervals as error bars."""
     fig = _figure((5.4, 4.2))
     ax = fig.add_subplot()
     for k, (name, (x, xci, y, yci)) in enumerate(points.items()):
@@ -97,8 +112,12 @@ def elo_scatter(points: Mapping[str, tuple[float, Interval, float, Interval]]) -
         ax.errorbar([x], [y], xerr=[[xe[0]], [xe[1]]], yerr=[[ye[0]], [ye[1]]], fmt="o", color=color,
                     ecolor=color, elinewidth=1, capsize=3, markersize=6)
         ax.annotate(name, (x, y), xytext=(6, 6), textcoords="offset points", fontsize=8, color=color)
-    ax.margins(0.25)
-    _style(ax, "Harmlessness vs helpfulness (higher is better)", "helpfulness Elo", "harmlessness Elo")
+    if limits:
+        ax.set_xlim(limits[0] - 0.03, limits[1] + 0.03)
+        ax.set_ylim(limits[0] - 0.03, limits[1] + 0.03)
+    else:
+        ax.margins(0.25)
+    _style(ax, title, xlabel, ylabel)
     return to_image(fig)
 
 

@@ -34,12 +34,17 @@ def _job(kind: str, p, messages=None, **extra) -> dict:
 def answer_jobs(cfg: Config, run_dir: RunDir, sections: set[str]) -> dict[str, list[dict]]:
     """The prompts every model answers, by set: harmful, helpful, benign, injection."""
     sets: dict[str, list[dict]] = {}
+    refusal_limit = cfg.limit if cfg.refusal_limit == -1 else cfg.refusal_limit
     if sections & {"harmlessness", "refusal"}:
         sets["harmful"] = [_job("harmful", p) for p in load_prompt_sets(cfg.redteam_prompts, run_dir, "test", cfg.limit)]
+    if "refusal" in sections and refusal_limit != cfg.limit:  # the refusal rates' prompts beyond the compared ones
+        compared = {j["id"] for j in sets["harmful"]}
+        sets["harmful_more"] = [j for p in load_prompt_sets(cfg.redteam_prompts, run_dir, "test", refusal_limit)
+                                for j in [_job("harmful", p)] if j["id"] not in compared]
     if "helpfulness" in sections:
         sets["helpful"] = [_job("helpful", p) for p in load_prompt_sets(cfg.helpful_prompts, run_dir, "test", cfg.limit)]
     if "refusal" in sections:
-        sets["benign"] = [_job("benign", p) for p in load_prompt_sets(cfg.benign_prompts, run_dir, "all", cfg.limit)]
+        sets["benign"] = [_job("benign", p) for p in load_prompt_sets(cfg.benign_prompts, run_dir, "all", refusal_limit)]
     if "injection" in sections:
         jobs = []
         for k, p in enumerate(load_prompt_sets(cfg.helpful_prompts, run_dir, "test", cfg.injection_limit)):

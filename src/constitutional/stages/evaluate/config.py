@@ -25,6 +25,7 @@ class Config:
     helpful_prompts: str = opt("builtin:helpful", "helpful prompts (test split): helpfulness comparisons and the texts of the injection tasks")
     benign_prompts: str = opt("builtin:benign", "benign prompts that look harmful (all of them): the over-refusal rate")
     limit: int = opt(0, "prompts per set, and revise records for revision_rounds (0 = all)")
+    refusal_limit: int = opt(-1, "prompts per set for the refusal rates alone (harmful and benign; -1 = limit, 0 = all): the rates need more prompts than the judge's comparisons can afford")
     max_new_tokens: int = opt(128, "tokens per answer")
     temperature: float = opt(0.0, "sampling temperature of the answers (0 = greedy)")
     repetition_penalty: float = opt(1.0, "penalty on tokens an answer already contains (1 = none; small models loop at low temperature without one)")
@@ -40,6 +41,8 @@ def check_config(cfg: Config) -> None:
     unknown = [s for s in cfg.sections if s not in SECTIONS]
     if unknown:
         raise UserError(f"eval.sections: unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
+    if cfg.refusal_limit < -1:
+        raise UserError(f"eval.refusal_limit = {cfg.refusal_limit}: use -1 (the same as limit), 0 (all) or a count")
     for name in ("limit", "injection_limit", "fewshot"):
         if getattr(cfg, name) < 0:
             raise UserError(f"eval.{name} = {getattr(cfg, name)}: must be >= 0")

@@ -2,7 +2,7 @@
 (a model that is harmless but not evasive refuses the first and answers the second).
 
 The share of answers to the held-out red-team prompts that refuse, and of answers to
-benign prompts that only look harmful (`benign_prompts`, all of them, up to `limit`), by the
+benign prompts that only look harmful (`benign_prompts`, all of them, up to `refusal_limit`; the harmful ones likewise), by the
 pattern classifier in `constitutional/refusal.py` (its rule and known misses are stated there), with Wilson intervals.
 Every model after the first also gets its change against the first (the starting model by
 default), paired on the same prompts (`eval_math.paired_change`: difference, Newcombe interval,
@@ -16,8 +16,10 @@ from ...refusal import is_refusal
 
 
 def refused(answers: dict, sets: dict, kind: str) -> list[bool]:
-    """The classifier's verdict on each answer of set `kind`, in the set's order."""
-    return [is_refusal(answers[j["id"]]["response"]) for j in sets[kind]]
+    """The classifier's verdict on each answer of set `kind`, in the set's order (harmful: the
+    compared prompts, then those only the refusal rates use, `refusal_limit`)."""
+    jobs = sets[kind] + (sets.get("harmful_more", []) if kind == "harmful" else [])
+    return [is_refusal(answers[j["id"]]["response"]) for j in jobs]
 
 
 def refusal_rates(answers: dict, sets: dict) -> dict:

@@ -97,7 +97,8 @@ def datasets(cfg: Config, sets: dict, mc_items: dict, truth_items: list, labeler
         return {"spec": spec, "split": split, "n": len(sets[kind])} if kind in sets else None
 
     return {
-        "redteam": entry(cfg.redteam_prompts, "harmful", "test"),
+        "redteam": {**entry(cfg.redteam_prompts, "harmful", "test"), "n_refusal": len(sets["harmful"]) + len(sets.get("harmful_more", []))}
+        if "harmful" in sets else None,
         "helpful": entry(cfg.helpful_prompts, "helpful", "test"),
         "benign": entry(cfg.benign_prompts, "benign", "all"),
         "mc": {spec: {"file": spec, "n": len(items)} for spec, items in mc_items.items()},
