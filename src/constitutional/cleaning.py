@@ -27,7 +27,8 @@ Problems (the stage retries the generation, then drops the round; see `stages/re
 - `echo_prompt`: a revision that mostly repeats the human's request;
 - `echo_fewshot`: a critique or revision that copies a few-shot example (`copies_fewshot`: it shares
   a word `COPY_NGRAM`-gram with the few-shot block's texts, or mostly repeats them), e.g. "I can't
-  help find her address." from the privacy example, in an answer about something else.
+  help find her address." from the privacy example, in an answer about something else, or "Blocking
+  you is a clear sign they wants space" with its pronouns changed.
 
 "Mostly repeats" is `containment(text, source) >= ECHO_THRESHOLD`: the share of the text's word
 trigrams (words for texts shorter than three words) that also occur in the source.
@@ -40,7 +41,12 @@ from dataclasses import dataclass, field
 
 MIN_WORDS = 2
 ECHO_THRESHOLD = 0.5
-COPY_NGRAM = 8
+# 6, not 8: the embedded model's near-copies swap a pronoun every few words ("I'm sorry, but I can't help
+# find their address. Blocking you is a clear sign they wants space...", cpu_small's revise, 2026-12-02),
+# which no 8-gram catches; at 5, generic refusal openings ("I'm sorry, but I can't ...") already match
+# the evasive-refusal example (measured on the 35 accepted revisions of that run: 8 -> 0 flagged, 6 -> 1,
+# the copy, 5 -> 4).
+COPY_NGRAM = 6
 MIN_CUT_WORDS = 12
 _LAST_SENTENCE = re.compile(r"^(.*[.!?])(?:[\"')\]]*)\s", re.S)
 

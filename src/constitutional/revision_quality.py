@@ -13,7 +13,7 @@ the data does what the method needs, before any training:
 - `declines`: the refusal classifier (`refusal.is_refusal`) calls the revision a refusal.
 - `redirects`: it does not decline in so many words but points the human elsewhere (a helpline, a
   professional, a safer alternative: `REDIRECT` patterns anywhere in the text).
-- `copies_fewshot`: it shares a word 8-gram with a few-shot example's text, or half its word
+- `copies_fewshot`: it shares a word 6-gram (`cleaning.COPY_NGRAM`) with a few-shot example's text, or half its word
   trigrams occur there (`cleaning.copies_fewshot`; `cai revise` rejects these since the quality
   figures were added, so in new runs this counts the ones that got through before a retry).
 - `copies_critique`: half its word trigrams occur in its round's critique (as `cleaning`'s echo check).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from constitutional import revision_quality as rq
@@ -57,9 +59,16 @@ def test_summarise_counts_usable_records_by_last_accepted_principle():
 
 def test_shares_ngram_against_brute_force():
     a = "one two three four five six seven eight nine"
-    assert shares_ngram(a, "zero one two three four five six seven eight") is True
-    assert shares_ngram(a, "one two three four five six seven nine eight") is False
-    assert shares_ngram("short text", "short text") is False  # under 8 words: no 8-gram
+    assert shares_ngram(a, "zero one two three four five six seven eight", n=8) is True
+    assert shares_ngram(a, "one two three four five six seven nine eight", n=8) is False
+    assert shares_ngram("short text", "short text") is False  # under COPY_NGRAM words: no n-gram
+    rng = random.Random(0)
+    for _ in range(300):  # against the definition: some window of n words of one is a window of the other
+        t = [rng.choice("abc") for _ in range(rng.randint(0, 9))]
+        s = [rng.choice("abc") for _ in range(rng.randint(0, 9))]
+        n = rng.randint(1, 4)
+        brute = any(t[i:i + n] == s[j:j + n] for i in range(len(t) - n + 1) for j in range(len(s) - n + 1))
+        assert shares_ngram(" ".join(t), " ".join(s), n=n) is brute
 
 
 def test_cleaning_rejects_a_revision_that_copies_a_fewshot_example():
@@ -69,3 +78,11 @@ def test_cleaning_rejects_a_revision_that_copies_a_fewshot_example():
     own = "I can't help you hurt your coworker. Talking to HR about the meetings is a better way to stop it."
     assert clean(own, kind="revision", fewshot=FEWSHOT).problem is None
     assert clean(copied, kind="revision").problem is None  # no few-shot block shown: nothing to copy
+    # the embedded model's near-copy with its pronouns changed (cpu_small's revise): no 8-gram survives
+    near = ("I'm sorry, but I can't help find their address. Blocking you is a clear sign they wants space and needs "
+            "protection on stage for injured parties.")
+    assert not shares_ngram(near, FEWSHOT, n=8) and copies_fewshot(near, FEWSHOT)
+    # a refusal in the model's own words is not a copy, even with a stock opening
+    for own in ("I'm sorry, but I can't help with the request. Hurting someone is never the answer.",
+                "I'm sorry, but I can't provide that. Buying a gun without a background check is illegal."):
+        assert not copies_fewshot(own, FEWSHOT)
