@@ -15,11 +15,15 @@ from ... import eval_math
 from ...refusal import is_refusal
 
 
+def refusal_jobs(sets: dict, kind: str) -> list[dict]:
+    """The prompts of set `kind` the refusal rates use, in order (harmful: the compared prompts,
+    then those only the rates use, `refusal_limit`)."""
+    return sets[kind] + (sets.get("harmful_more", []) if kind == "harmful" else [])
+
+
 def refused(answers: dict, sets: dict, kind: str) -> list[bool]:
-    """The classifier's verdict on each answer of set `kind`, in the set's order (harmful: the
-    compared prompts, then those only the refusal rates use, `refusal_limit`)."""
-    jobs = sets[kind] + (sets.get("harmful_more", []) if kind == "harmful" else [])
-    return [is_refusal(answers[j["id"]]["response"]) for j in jobs]
+    """The classifier's verdict on each answer of `refusal_jobs(sets, kind)`."""
+    return [is_refusal(answers[j["id"]]["response"]) for j in refusal_jobs(sets, kind)]
 
 
 def refusal_rates(answers: dict, sets: dict) -> dict:

@@ -15,7 +15,7 @@ from .elo import ELO_PRIOR, elo_section
 from .injection import INJECTION, LABELER_INJECTION, flips, followed
 from .mc import judge_accuracy, mc_entry, mc_views
 from .pm import mean_ci
-from .refusal import refusal_changes, refusal_rates
+from .refusal import refusal_changes, refusal_jobs, refusal_rates
 from .revision_rounds import rounds
 from .truthfulness import TRUTHFUL_PREFIX, truthfulness_entry
 
@@ -97,7 +97,7 @@ def datasets(cfg: Config, sets: dict, mc_items: dict, truth_items: list, labeler
         return {"spec": spec, "split": split, "n": len(sets[kind])} if kind in sets else None
 
     return {
-        "redteam": {**entry(cfg.redteam_prompts, "harmful", "test"), "n_refusal": len(sets["harmful"]) + len(sets.get("harmful_more", []))}
+        "redteam": {**entry(cfg.redteam_prompts, "harmful", "test"), "n_refusal": len(refusal_jobs(sets, "harmful"))}
         if "harmful" in sets else None,
         "helpful": entry(cfg.helpful_prompts, "helpful", "test"),
         "benign": entry(cfg.benign_prompts, "benign", "all"),
