@@ -62,6 +62,7 @@ test-unit: $(TEST_STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_generate.py
 	$(BIN)/python benchmarks/bench_label.py
+	$(BIN)/python benchmarks/bench_sampling.py --json benchmarks/results/sampling_cpu.json
 
 # decode ms/step of the hf backend's dynamic and static-cache paths against HF generate (random-weight
 # 135M- and 7B-shaped Llamas; on a GPU: static cache + CUDA graphs). About 8 min on a 2-core CPU.

@@ -32,6 +32,37 @@ def penalise_repeats(logits: torch.Tensor, generated: list[list[int]], penalty: 
     return logits
 
 
+NUCLEUS_TOP_K = 256
+
+
+def nucleus_sorted(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Top-p filtering by a full sort of the vocabulary: the reference `nucleus` must equal.
+    Keeps the smallest set of most probable tokens whose mass reaches top_p; the rest get 0."""
+    sorted_p, sorted_i = probs.sort(dim=-1, descending=True)
+    drop = sorted_p.cumsum(-1) - sorted_p > top_p
+    sorted_p[drop] = 0
+    return torch.zeros_like(probs).scatter_(-1, sorted_i, sorted_p)
+
+
+def nucleus(probs: torch.Tensor, top_p: float, k: int = NUCLEUS_TOP_K) -> torch.Tensor:
+    """`nucleus_sorted` without sorting the whole vocabulary: the `k` most probable tokens first
+    (`topk`), and a full sort only for the rows whose top-k mass does not exceed top_p (their
+    nucleus may reach past the k-th token). The kept set and its values are the same as the full
+    sort's (up to the order of exactly tied probabilities), so the sampled tokens are too."""
+    k = min(k, probs.shape[-1])
+    top_p_vals, top_i = probs.topk(k, dim=-1)
+    cum = top_p_vals.cumsum(-1)
+    # token j (0-based, in descending order) is dropped iff the mass before it exceeds top_p; the
+    # first token past the top k is then dropped iff the top-k mass exceeds top_p
+    inside = cum[:, -1] > top_p
+    top_p_vals[cum - top_p_vals > top_p] = 0
+    out = torch.zeros_like(probs).scatter_(-1, top_i, top_p_vals)
+    if not bool(inside.all()):
+        rest = (~inside).nonzero().flatten()
+        out[rest] = nucleus_sorted(probs[rest], top_p)
+    return out
+
+
 class Sampling:
     """`HFBackend`'s per-step bookkeeping: sample, record, stop at eos or a stop string, count."""
 
@@ -69,9 +100,5 @@ class Sampling:
             return logits.argmax(-1).cpu()
         probs = torch.softmax(logits / params.temperature, dim=-1).cpu()
         if params.top_p < 1.0:
-            sorted_p, sorted_i = probs.sort(dim=-1, descending=True)
-            cum = sorted_p.cumsum(-1)
-            drop = cum - sorted_p > params.top_p  # keep the smallest set whose mass reaches top_p
-            sorted_p[drop] = 0
-            probs = torch.zeros_like(probs).scatter_(-1, sorted_i, sorted_p)
+            probs = nucleus(probs, params.top_p)
         return torch.stack([torch.multinomial(probs[k], 1, generator=g)[0] for k, g in enumerate(gens)])

@@ -1,0 +1,56 @@
+"""Top-p filtering from a top-k (`nucleus`) against the full-vocabulary sort it replaces."""
+
+import torch
+
+from constitutional.backends.hf_sampling import NUCLEUS_TOP_K, nucleus, nucleus_sorted
+
+
+def _probs(rows: int, vocab: int, scale: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(rows, vocab, generator=g) * scale, dim=-1)
+
+
+def test_nucleus_equals_the_full_sort_on_peaked_and_flat_rows():
+    # scale 8: a few tokens hold the mass (the top-k path); scale 0.5: nearly flat, the nucleus
+    # reaches past the top k (the full-sort fallback); mixed in one batch so both paths run together
+    probs = torch.cat([_probs(24, 49152, 8.0, 0), _probs(8, 49152, 0.5, 1), _probs(8, 49152, 2.5, 2)])
+    for top_p in (0.5, 0.9, 0.95, 0.999):
+        ref = nucleus_sorted(probs.clone(), top_p)
+        out = nucleus(probs, top_p)
+        assert torch.equal(out, ref), top_p
+        kept = (out > 0).sum(-1)
+        assert kept.min() >= 1
+    top_mass = probs.topk(NUCLEUS_TOP_K, dim=-1).values.sum(-1)
+    assert (top_mass > 0.9).any() and (top_mass <= 0.9).any()  # both paths were exercised
+
+
+def test_nucleus_with_k_at_or_above_the_vocabulary_and_tiny_k():
+    probs = _probs(16, 40, 1.5, 3)
+    for k in (1, 3, 40, 1000):
+        for top_p in (0.3, 0.8, 0.99):
+            assert torch.equal(nucleus(probs, top_p, k=k), nucleus_sorted(probs.clone(), top_p)), (k, top_p)
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p_brute_force():
+    probs = _probs(6, 12, 1.0, 4).double()
+    top_p = 0.7
+    out = nucleus(probs, top_p, k=5)
+    for row, o in zip(probs, out):
+        order = sorted(range(len(row)), key=lambda i: -float(row[i]))
+        kept, mass = set(), 0.0
+        for i in order:
+            kept.add(i)
+            mass += float(row[i])
+            if mass >= top_p:
+                break
+        assert {i for i in range(len(row)) if o[i] > 0} == kept
+        assert all(float(o[i]) == float(row[i]) for i in kept)
+
+
+def test_seeded_samples_are_unchanged_by_the_top_k_path():
+    probs = _probs(32, 49152, 6.0, 5)
+    a = nucleus(probs, 0.9)
+    b = nucleus_sorted(probs.clone(), 0.9)
+    for k in range(32):
+        ga, gb = torch.Generator().manual_seed(k), torch.Generator().manual_seed(k)
+        assert int(torch.multinomial(a[k], 1, generator=ga)) == int(torch.multinomial(b[k], 1, generator=gb))
