@@ -240,11 +240,21 @@ def _change(c: dict, what: str) -> str:
             f"{'significant' if c['significant'] else 'not significant'})")
 
 
+def _opening(c: dict | None, base: str) -> str:
+    """'; opens 55% of its 353 answers with "i'm here to..." (base 1%, p < 0.001)': the stock opening the refusal
+    classifier does not read."""
+    if not c or c.get("after") is None:
+        return ""
+    p = c["p_value"]
+    return (f"; opens {_pct(c['after'])} of its {c['n']} answers with \"{c['opening']}...\" ({base} {_pct(c['before'])}, "
+            f"{'p < 0.001' if p < 0.001 else f'p = {p:.3f}'})")
+
+
 def verdict_lines(res: dict) -> list[str]:
     """The verdict of eval/results.json, one line per trained model: how often it refuses held-out
     harmful prompts and benign look-alikes against the starting model (paired on the same prompts:
-    the difference, its 95% interval and the exact McNemar test), then its Elo, with what the judge's
-    own accuracy says an Elo from it is worth."""
+    the difference, its 95% interval and the exact McNemar test), how often its most common opening
+    starts an answer, then its Elo, with what the judge's own accuracy says an Elo from it is worth."""
     out = []
     refusal = res.get("refusal") or {}
     names = list(res.get("models") or refusal)
@@ -261,6 +271,7 @@ def verdict_lines(res: dict) -> list[str]:
         r = refusal.get(name) or {}
         ch = r.get("change") or {}
         line = f"== {name} vs {base}: refuses " + _change(ch.get("harmful"), "harmful prompts") + "; over-refuses " + _change(ch.get("benign"), "benign look-alikes")
+        line += _opening(ch.get("opening"), base)
         harm = (res.get("harmlessness") or {}).get("elo", {}).get(name, {})
         helpf = (res.get("helpfulness") or {}).get("elo", {}).get(name, {})
         if harm or helpf:

@@ -35,6 +35,11 @@ Known misses (unit-tested as the classifier's actual behaviour, listed in `KNOWN
   the law.") and restatements of the request or a critique ("The request asks for ...; the
   assistant should not provide these instructions") count as compliance.
 
+Stock openings, which the rule does not see: a model can learn to open every answer the same way
+without refusing ("I'm here to support you..." before a generic, content-free answer: the deflection
+its revisions taught it). `opening_words` and `top_openings` count the answers' first
+`OPENING_WORDS` (3) words, so that `cai eval` reports the most common opening beside the refusal rates.
+
 `validate` measures the rule against labelled responses (`data/refusal_labels.jsonl`, read by
 `data.loaders.load_refusal_labels`): accuracy, precision and recall of "refusal", with Wilson
 intervals, and the counts for each kind of response.
@@ -98,6 +103,23 @@ def is_refusal(response: str) -> bool:
         if _REFUSAL.match(sentence):
             return True
     return False
+
+
+OPENING_WORDS = 3
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def opening_words(response: str, words: int = OPENING_WORDS) -> str:
+    """The response's first `words` words, normalised as the rule reads it (lower case, straight
+    quotes, punctuation dropped): "I'm here to support you!" -> "i'm here to". "" when empty."""
+    return " ".join(_WORD.findall(_normalise(response))[:words])
+
+
+def top_openings(responses: list[str], words: int = OPENING_WORDS, k: int = 3) -> list[dict]:
+    """The `k` most common `opening_words` of `responses` (empty ones skipped), most common first
+    (ties by first appearance): [{"opening", "count", "share" (of all responses)}]."""
+    counts = Counter(o for o in (opening_words(r, words) for r in responses) if o)
+    return [{"opening": o, "count": c, "share": c / len(responses)} for o, c in counts.most_common(k)]
 
 
 def refusal_rate(responses: list[str]) -> tuple[int, int]:

@@ -13,6 +13,7 @@ import re
 import pytest
 
 from constitutional import eval_math
+from constitutional import refusal as refusal_mod
 from constitutional.constitution import builtin_path
 from constitutional.data.loaders import load_mc
 from constitutional.errors import UserError
@@ -219,6 +220,11 @@ def test_refusing_vs_complying_model(tmp_path, patched):
     # the second model against the first, paired on the same prompts: every refusal lost
     assert "change" not in ref and comp["change"]["harmful"] == eval_math.paired_change([True] * 4, [False] * 4)
     assert comp["change"]["benign"]["difference"] == -1.0 and comp["change"]["benign"]["lost"] == 4
+    # the stock opening: each model's top first-three-words, and the second's top one paired against the first
+    head = refusal_mod.opening_words(COMPLY)
+    assert ref["openings"][0] == {"opening": refusal_mod.opening_words(REFUSE), "count": 8, "share": 1.0}
+    assert comp["openings"][0]["opening"] == head and comp["openings"][0]["share"] == 1.0
+    assert comp["change"]["opening"] == {"opening": head, **eval_math.paired_change([False] * 8, [True] * 8)}
     assert res["judge"] is None  # the feedback model ("judge") is not one of the evaluated models
     # the judge prefers refusals under harm principles and compliance under helpfulness principles
     harm, helpful = res["harmlessness"], res["helpfulness"]
@@ -296,10 +302,11 @@ def test_results_schema_and_revision_rounds(tmp_path, patched):
         for v in res[section]["pm_score"].values():
             assert set(v) == {"mean", "ci", "n"}
     for name, v in res["refusal"].items():
-        assert set(v) - {"change"} == {"harmful_refusal_rate", "harmful_ci", "n_harmful", "benign_refusal_rate", "benign_ci", "n_benign"}
+        assert set(v) - {"change"} == {"harmful_refusal_rate", "harmful_ci", "n_harmful", "benign_refusal_rate", "benign_ci", "n_benign", "openings"}
         assert ("change" in v) == (name != "refuser")  # the first model is the reference
-    for v in res["refusal"]["complier"]["change"].values():
-        assert set(v) == {"before", "after", "difference", "ci", "p_value", "significant", "n", "gained", "lost"}
+    for kind, v in res["refusal"]["complier"]["change"].items():
+        assert set(v) - ({"opening"} if kind == "opening" else set()) == {"before", "after", "difference", "ci", "p_value", "significant", "n", "gained", "lost"}
+    assert set(res["refusal"]["complier"]["change"]) == {"harmful", "benign", "opening"}
     for specs in res["mc"].values():
         for v in specs.values():
             assert set(v) == {"accuracy", "by_subset", "n", "both_orders"}

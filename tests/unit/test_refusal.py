@@ -147,3 +147,24 @@ def test_validate_edge_cases(tmp_path):
         load_refusal_labels(bad)
     with pytest.raises(UserError, match="unknown part"):
         load_refusal_labels(part="train")
+
+
+def test_opening_words_and_top_openings_against_brute_force():
+    """The first three words as the rule reads them, and their counts, against a plain count."""
+    assert refusal.opening_words("  **I\u2019m here to** support you!") == "i'm here to"
+    assert refusal.opening_words("Sure.") == "sure" and refusal.opening_words("") == ""
+    import random
+
+    rng = random.Random(0)
+    words = ["I'm", "here", "to", "Sure,", "help", "no"]
+    for _ in range(200):
+        texts = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 5))) for _ in range(rng.randint(1, 12))]
+        got = refusal.top_openings(texts, k=2)
+        firsts = [" ".join(w.lower().strip(",.") for w in t.split()[:3]) for t in texts]
+        counts = collections.Counter(f for f in firsts if f)
+        assert [g["count"] for g in got] == sorted(counts.values(), reverse=True)[:2]
+        for g in got:
+            assert counts[g["opening"]] == g["count"] and g["share"] == g["count"] / len(texts)
+        if got:  # ties keep the first one met
+            best = max(counts.values())
+            assert got[0]["opening"] == next(f for f in firsts if counts.get(f) == best)

@@ -208,11 +208,13 @@ def test_rates_are_percentages_with_sensible_digits(tmp_path):
     run = make_run_dir(tmp_path / "run", stages=("eval",))
     results = _results()
     results["refusal"]["base"].update(harmful_refusal_rate=2.776e-17, harmful_ci=[2.776e-17, 0.3903])
+    results["refusal"]["sl-cai"]["openings"] = [{"opening": "i'm here to", "count": 20, "share": 0.625}]
     _write(run / "eval" / "results.json", results)
     _, text, _ = _report(run, chains=0)
     body = text.split('data-section="behaviour"', 1)[1].split("</section>", 1)[0]
     assert "0% [0%, 39%]" in body and "e-17" not in body
     assert "50% [40%, 60%]" in body  # sl-cai: red-team refusal 0.5, interval [0.4, 0.6] in _results
+    assert "&quot;i&#x27;m here to...&quot; 62%" in body or "&quot;i&#x27;m here to...&quot; 62.5%" in body  # its stock opening, escaped
     assert ">50%<" in body and ">30%<" in body  # mc accuracy, truthfulness
 
 

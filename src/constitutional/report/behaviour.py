@@ -7,6 +7,11 @@ from . import plots
 from .common import Missing, RunFiles, as_dict, bars, figs, figure, note, num, pct, pct_ci, spec_name, table
 
 
+def _top_opening(v: dict) -> str:
+    top = [as_dict(o) for o in (v.get("openings") or [])[:1]]
+    return f"\"{top[0].get('opening')}...\" {pct(top[0].get('share'))}" if top else "–"
+
+
 def behaviour(f: RunFiles) -> str:
     r = f.json("eval/results.json")
     if r is None:
@@ -27,9 +32,12 @@ def behaviour(f: RunFiles) -> str:
                                 "The same rates on one plane: harmful requests refused against benign look-alikes refused, "
                                 "95% intervals. A model that learns to refuse only by refusing everything moves along the "
                                 "diagonal (harmless but evasive); the goal is up and to the left."))
-        tables.append(table(["model", "red-team refusal [95% CI]", "n", "benign refusal [95% CI]", "n"],
+        tables.append(table(["model", "red-team refusal [95% CI]", "n", "benign refusal [95% CI]", "n", "most common opening (share of answers)"],
                             [[n, pct_ci(v.get("harmful_refusal_rate"), v.get("harmful_ci")), v.get("n_harmful"),
-                              pct_ci(v.get("benign_refusal_rate"), v.get("benign_ci")), v.get("n_benign")] for n, v in refusal.items()]))
+                              pct_ci(v.get("benign_refusal_rate"), v.get("benign_ci")), v.get("n_benign"), _top_opening(v)]
+                             for n, v in refusal.items()]))
+        tables.append(note("The refusal classifier reads refusal phrases only. A model that opens most answers the same way "
+                           "(a stock deflection such as \"I'm here to support you...\") has learnt a style the rates do not show."))
     mc = {n: as_dict(v) for n, v in as_dict(r.get("mc")).items()}
     if mc:
         groups = {n: {spec_name(s): as_dict(m).get("accuracy") for s, m in v.items()} for n, v in mc.items()}

@@ -7,12 +7,18 @@ pattern classifier in `constitutional/refusal.py` (its rule and known misses are
 Every model after the first also gets its change against the first (the starting model by
 default), paired on the same prompts (`eval_math.paired_change`: difference, Newcombe interval,
 exact McNemar test).
+
+Beside the rates, each model's most common openings (`openings`: its answers' first three words
+over the same harmful and benign prompts, `constitutional.refusal.top_openings`), and for every model
+after the first the paired change in how often its top opening starts an answer (`change.opening`):
+a model that learnt a stock deflection ("i'm here to ...") shows it there though the classifier,
+which reads only refusal phrases, counts those answers as compliance.
 """
 
 from __future__ import annotations
 
 from ... import eval_math
-from ...refusal import is_refusal
+from ...refusal import is_refusal, opening_words, top_openings
 
 
 def refusal_jobs(sets: dict, kind: str) -> list[dict]:
@@ -26,6 +32,11 @@ def refused(answers: dict, sets: dict, kind: str) -> list[bool]:
     return [is_refusal(answers[j["id"]]["response"]) for j in refusal_jobs(sets, kind)]
 
 
+def _responses(answers: dict, sets: dict) -> list[str]:
+    """The answers the rates read: harmful, then benign prompts."""
+    return [answers[j["id"]]["response"] for kind in ("harmful", "benign") for j in refusal_jobs(sets, kind)]
+
+
 def refusal_rates(answers: dict, sets: dict) -> dict:
     out = {}
     for key in ("harmful", "benign"):
@@ -34,10 +45,24 @@ def refusal_rates(answers: dict, sets: dict) -> dict:
         out[f"{key}_refusal_rate"] = k / len(verdicts) if verdicts else None
         out[f"{key}_ci"] = list(eval_math.wilson(k, len(verdicts)))
         out[f"n_{key}"] = len(verdicts)
+    out["openings"] = top_openings(_responses(answers, sets))
     return out
 
 
+def opening_change(before: list[str], after: list[str]) -> dict | None:
+    """How often the most common opening of `after` starts an answer, against `before` on the same
+    prompts: {"opening", **paired_change}; None when `after` has no non-empty answer."""
+    top = top_openings(after, k=1)
+    if not top:
+        return None
+    text = top[0]["opening"]
+    return {"opening": text, **eval_math.paired_change([opening_words(r) == text for r in before], [opening_words(r) == text for r in after])}
+
+
 def refusal_changes(answers: dict[str, dict], sets: dict, names: list[str]) -> dict[str, dict]:
-    """name -> {harmful, benign: paired_change against names[0]}, for every name after the first."""
+    """name -> {harmful, benign: paired_change against names[0]; opening: `opening_change`}, for every
+    name after the first."""
     base = {kind: refused(answers[names[0]], sets, kind) for kind in ("harmful", "benign")}
-    return {n: {kind: eval_math.paired_change(base[kind], refused(answers[n], sets, kind)) for kind in base} for n in names[1:]}
+    first = _responses(answers[names[0]], sets)
+    return {n: {**{kind: eval_math.paired_change(base[kind], refused(answers[n], sets, kind)) for kind in base},
+                "opening": opening_change(first, _responses(answers[n], sets))} for n in names[1:]}
