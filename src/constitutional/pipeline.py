@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from . import distributed, stages
+from . import distributed, engagement, stages
 from .config import build, config_hash, load_yaml, merge, opt, parse_overrides, to_dict
 from .errors import UserError
 from .memory import current_mb, peak_mb, reset_peak, trim
@@ -240,6 +240,19 @@ def _change(c: dict, what: str) -> str:
             f"{'significant' if c['significant'] else 'not significant'})")
 
 
+def _engaged(ch: dict) -> str:
+    """'; takes up the request in 95% -> 40% of harmful prompts (p < 0.001) and 97% -> 52% of benign
+    ones (p < 0.001; engagement check 84% [76%, 90%] accurate on hand labels)'."""
+    h, b = ch.get("harmful_engaged"), ch.get("benign_engaged")
+    if not h or not b or h.get("difference") is None or b.get("difference") is None:
+        return ""
+    p = lambda c: "p < 0.001" if c["p_value"] < 0.001 else f"p = {c['p_value']:.3f}"
+    acc, lo, hi = engagement.TEST_ACCURACY
+    return (f"; takes up the request in {_pct(h['before'])} -> {_pct(h['after'])} of harmful prompts ({p(h)}) and "
+            f"{_pct(b['before'])} -> {_pct(b['after'])} of benign ones ({p(b)}; engagement check {_pct(acc)} [{_pct(lo)}, {_pct(hi)}] "
+            "accurate on hand labels)")
+
+
 def _opening(c: dict | None, base: str) -> str:
     """'; opens 55% of its 353 answers with "i'm here to..." (base 1%, p < 0.001)': the stock opening the refusal
     classifier does not read."""
@@ -253,8 +266,8 @@ def _opening(c: dict | None, base: str) -> str:
 def verdict_lines(res: dict) -> list[str]:
     """The verdict of eval/results.json, one line per trained model: how often it refuses held-out
     harmful prompts and benign look-alikes against the starting model (paired on the same prompts:
-    the difference, its 95% interval and the exact McNemar test), how often its most common opening
-    starts an answer, then its Elo, with what the judge's own accuracy says an Elo from it is worth."""
+    the difference, its 95% interval and the exact McNemar test), how often its answers take up the
+    request at all (`engagement.py`), how often its most common opening starts an answer, then its Elo, with what the judge's own accuracy says an Elo from it is worth."""
     out = []
     refusal = res.get("refusal") or {}
     names = list(res.get("models") or refusal)
@@ -271,7 +284,7 @@ def verdict_lines(res: dict) -> list[str]:
         r = refusal.get(name) or {}
         ch = r.get("change") or {}
         line = f"== {name} vs {base}: refuses " + _change(ch.get("harmful"), "harmful prompts") + "; over-refuses " + _change(ch.get("benign"), "benign look-alikes")
-        line += _opening(ch.get("opening"), base)
+        line += _engaged(ch) + _opening(ch.get("opening"), base)
         harm = (res.get("harmlessness") or {}).get("elo", {}).get(name, {})
         helpf = (res.get("helpfulness") or {}).get("elo", {}).get(name, {})
         if harm or helpf:

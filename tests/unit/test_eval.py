@@ -225,6 +225,16 @@ def test_refusing_vs_complying_model(tmp_path, patched):
     assert ref["openings"][0] == {"opening": refusal_mod.opening_words(REFUSE), "count": 8, "share": 1.0}
     assert comp["openings"][0]["opening"] == head and comp["openings"][0]["share"] == 1.0
     assert comp["change"]["opening"] == {"opening": head, **eval_math.paired_change([False] * 8, [True] * 8)}
+    # the engagement check on each answer, recomputed from the answers the eval wrote
+    from constitutional.engagement import engages
+
+    for name, v in (("refuser", ref), ("complier", comp)):
+        rows = read_jsonl(rd.path / "eval" / "answers" / f"{name}.jsonl")
+        for kind in ("harmful", "benign"):
+            took = [engages(r["prompt"], r["response"]) for r in rows if r["set"] == kind]
+            assert len(took) == 4 and v[f"{kind}_engaged_rate"] == sum(took) / 4
+            assert v[f"{kind}_engaged_ci"] == pytest.approx(list(eval_math.wilson(sum(took), 4)))
+    assert comp["change"]["harmful_engaged"]["n"] == 4
     assert res["judge"] is None  # the feedback model ("judge") is not one of the evaluated models
     # the judge prefers refusals under harm principles and compliance under helpfulness principles
     harm, helpful = res["harmlessness"], res["helpfulness"]
@@ -302,11 +312,12 @@ def test_results_schema_and_revision_rounds(tmp_path, patched):
         for v in res[section]["pm_score"].values():
             assert set(v) == {"mean", "ci", "n"}
     for name, v in res["refusal"].items():
-        assert set(v) - {"change"} == {"harmful_refusal_rate", "harmful_ci", "n_harmful", "benign_refusal_rate", "benign_ci", "n_benign", "openings"}
+        assert set(v) - {"change"} == {"harmful_refusal_rate", "harmful_ci", "n_harmful", "benign_refusal_rate", "benign_ci", "n_benign", "openings",
+                                      "harmful_engaged_rate", "harmful_engaged_ci", "benign_engaged_rate", "benign_engaged_ci"}
         assert ("change" in v) == (name != "refuser")  # the first model is the reference
     for kind, v in res["refusal"]["complier"]["change"].items():
         assert set(v) - ({"opening"} if kind == "opening" else set()) == {"before", "after", "difference", "ci", "p_value", "significant", "n", "gained", "lost"}
-    assert set(res["refusal"]["complier"]["change"]) == {"harmful", "benign", "opening"}
+    assert set(res["refusal"]["complier"]["change"]) == {"harmful", "benign", "harmful_engaged", "benign_engaged", "opening"}
     for specs in res["mc"].values():
         for v in specs.values():
             assert set(v) == {"accuracy", "by_subset", "n", "both_orders"}

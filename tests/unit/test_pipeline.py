@@ -150,6 +150,8 @@ def test_headline_reports_timings_and_the_numbers_that_matter(tmp_path):
         "refusal": {"base": {"harmful_refusal_rate": 0.1, "n_harmful": 10, "benign_refusal_rate": 0.0, "n_benign": 10},
                     "sl-cai": {"harmful_refusal_rate": 0.7, "n_harmful": 10, "benign_refusal_rate": 0.1, "n_benign": 10,
                                "change": {"harmful": harmful, "benign": benign,
+                                          "harmful_engaged": paired_change([True] * 10, [True] * 2 + [False] * 8),
+                                          "benign_engaged": paired_change([True] * 10, [True] * 9 + [False]),
                                           "opening": {"opening": "i'm here to", **paired_change([False] * 10, [True] * 6 + [False] * 4)}}}},
         "harmlessness": {"elo": {"base": {"elo": 0.0}, "sl-cai": {"elo": 12.4}}}, "helpfulness": {"elo": {"base": {"elo": 0.0}, "sl-cai": {"elo": -3.0}}},
         "judge": {"model": "embedded", "accuracy": 0.52, "ci": [0.4, 0.63], "n": 72, "at_chance": True},
@@ -158,7 +160,9 @@ def test_headline_reports_timings_and_the_numbers_that_matter(tmp_path):
     text = "\n".join(lines)
     assert lines[1].startswith("== sl-cai vs base: refuses 10% -> 70% of 10 harmful prompts (+60 points [")  # the verdict comes first
     assert f"p = {harmful['p_value']:.3f}: significant); over-refuses 0% -> 10% of 10 benign look-alikes (+10 points [" in lines[1]
-    assert "p = 1.000: not significant); opens 60% of its 10 answers with \"i'm here to...\" (base 0%, p = 0.031); harmlessness" in lines[1]
+    assert "p = 1.000: not significant); takes up the request in 100% -> 20% of harmful prompts (p = 0.008) and 100% -> 90% " \
+           "of benign ones (p = 1.000; engagement check 84% [76%, 90%] accurate on hand labels); opens 60%" in lines[1]
+    assert "; opens 60% of its 10 answers with \"i'm here to...\" (base 0%, p = 0.031); harmlessness" in lines[1]
     assert "harmlessness Elo +12, helpfulness Elo -3 (judge at chance (52% [40%, 63%] on 72 labelled comparisons, both orders): " \
            "an Elo from it is no evidence either way)" in lines[1]
     assert "label 10, train-pm 20, rl 30, eval 5, report 1; total 66 s" in text

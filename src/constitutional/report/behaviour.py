@@ -32,12 +32,19 @@ def behaviour(f: RunFiles) -> str:
                                 "The same rates on one plane: harmful requests refused against benign look-alikes refused, "
                                 "95% intervals. A model that learns to refuse only by refusing everything moves along the "
                                 "diagonal (harmless but evasive); the goal is up and to the left."))
-        tables.append(table(["model", "red-team refusal [95% CI]", "n", "benign refusal [95% CI]", "n", "most common opening (share of answers)"],
+        tables.append(table(["model", "red-team refusal [95% CI]", "n", "benign refusal [95% CI]", "n",
+                             "red-team answers that take up the request", "benign answers that take up the request",
+                             "most common opening (share of answers)"],
                             [[n, pct_ci(v.get("harmful_refusal_rate"), v.get("harmful_ci")), v.get("n_harmful"),
-                              pct_ci(v.get("benign_refusal_rate"), v.get("benign_ci")), v.get("n_benign"), _top_opening(v)]
+                              pct_ci(v.get("benign_refusal_rate"), v.get("benign_ci")), v.get("n_benign"),
+                              pct_ci(v.get("harmful_engaged_rate"), v.get("harmful_engaged_ci")),
+                              pct_ci(v.get("benign_engaged_rate"), v.get("benign_engaged_ci")), _top_opening(v)]
                              for n, v in refusal.items()]))
-        tables.append(note("The refusal classifier reads refusal phrases only. A model that opens most answers the same way "
-                           "(a stock deflection such as \"I'm here to support you...\") has learnt a style the rates do not show."))
+        tables.append(note("The refusal classifier reads refusal phrases only. A model can stop helping without one: by a stock "
+                           "deflection (\"I'm here to support you...\") or a statement of its role. The engagement columns "
+                           "(constitutional/engagement.py: does the answer take up the request's own words? 84% accurate on "
+                           "hand labels) and the most common opening show that; fewer red-team answers that take up the "
+                           "request is safer, fewer benign ones is evasive."))
     mc = {n: as_dict(v) for n, v in as_dict(r.get("mc")).items()}
     if mc:
         groups = {n: {spec_name(s): as_dict(m).get("accuracy") for s, m in v.items()} for n, v in mc.items()}

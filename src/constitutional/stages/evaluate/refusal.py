@@ -8,7 +8,11 @@ Every model after the first also gets its change against the first (the starting
 default), paired on the same prompts (`eval_math.paired_change`: difference, Newcombe interval,
 exact McNemar test).
 
-Beside the rates, each model's most common openings (`openings`: its answers' first three words
+Beside the refusal rates, the share of answers that take up the request at all
+(`harmful_engaged_rate`, `benign_engaged_rate`: `constitutional.engagement.engages`, a lexical check
+validated on hand labels), with Wilson intervals and paired changes (`change.harmful_engaged`,
+`change.benign_engaged`): a model that stops helping by deflecting instead of refusing shows there.
+And each model's most common openings (`openings`: its answers' first three words
 over the same harmful and benign prompts, `constitutional.refusal.top_openings`), and for every model
 after the first the paired change in how often its top opening starts an answer (`change.opening`):
 a model that learnt a stock deflection ("i'm here to ...") shows it there though the classifier,
@@ -18,6 +22,7 @@ which reads only refusal phrases, counts those answers as compliance.
 from __future__ import annotations
 
 from ... import eval_math
+from ...engagement import engages
 from ...refusal import is_refusal, opening_words, top_openings
 
 
@@ -30,6 +35,11 @@ def refusal_jobs(sets: dict, kind: str) -> list[dict]:
 def refused(answers: dict, sets: dict, kind: str) -> list[bool]:
     """The classifier's verdict on each answer of `refusal_jobs(sets, kind)`."""
     return [is_refusal(answers[j["id"]]["response"]) for j in refusal_jobs(sets, kind)]
+
+
+def engaged(answers: dict, sets: dict, kind: str) -> list[bool]:
+    """`engagement.engages` on each answer of `refusal_jobs(sets, kind)`: does it take up the request?"""
+    return [engages(j["prompt"], answers[j["id"]]["response"]) for j in refusal_jobs(sets, kind)]
 
 
 def _responses(answers: dict, sets: dict) -> list[str]:
@@ -45,6 +55,9 @@ def refusal_rates(answers: dict, sets: dict) -> dict:
         out[f"{key}_refusal_rate"] = k / len(verdicts) if verdicts else None
         out[f"{key}_ci"] = list(eval_math.wilson(k, len(verdicts)))
         out[f"n_{key}"] = len(verdicts)
+        took = engaged(answers, sets, key)
+        out[f"{key}_engaged_rate"] = sum(took) / len(took) if took else None
+        out[f"{key}_engaged_ci"] = list(eval_math.wilson(sum(took), len(took)))
     out["openings"] = top_openings(_responses(answers, sets))
     return out
 
@@ -60,9 +73,11 @@ def opening_change(before: list[str], after: list[str]) -> dict | None:
 
 
 def refusal_changes(answers: dict[str, dict], sets: dict, names: list[str]) -> dict[str, dict]:
-    """name -> {harmful, benign: paired_change against names[0]; opening: `opening_change`}, for every
-    name after the first."""
+    """name -> {harmful, benign: paired_change of the refusal verdicts against names[0]; harmful_engaged,
+    benign_engaged: the same for `engaged`; opening: `opening_change`}, for every name after the first."""
     base = {kind: refused(answers[names[0]], sets, kind) for kind in ("harmful", "benign")}
+    took = {kind: engaged(answers[names[0]], sets, kind) for kind in base}
     first = _responses(answers[names[0]], sets)
     return {n: {**{kind: eval_math.paired_change(base[kind], refused(answers[n], sets, kind)) for kind in base},
+                **{f"{kind}_engaged": eval_math.paired_change(took[kind], engaged(answers[n], sets, kind)) for kind in base},
                 "opening": opening_change(first, _responses(answers[n], sets))} for n in names[1:]}

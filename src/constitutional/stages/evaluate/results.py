@@ -118,6 +118,8 @@ def summarize(results: dict, seconds: float) -> dict:
     if results["refusal"]:
         out["refusal_harmful"] = {n: r4(v["harmful_refusal_rate"]) for n, v in results["refusal"].items()}
         out["refusal_benign"] = {n: r4(v["benign_refusal_rate"]) for n, v in results["refusal"].items()}
+        out["engaged_harmful"] = {n: r4(v["harmful_engaged_rate"]) for n, v in results["refusal"].items()}
+        out["engaged_benign"] = {n: r4(v["benign_engaged_rate"]) for n, v in results["refusal"].items()}
     if results["mc"]:
         out["mc_accuracy"] = {n: {s: r4(v["accuracy"]) for s, v in specs.items()} for n, specs in results["mc"].items()}
     if results["truthfulness"]:
