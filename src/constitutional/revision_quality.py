@@ -18,10 +18,13 @@ the data does what the method needs, before any training:
   figures were added, so in new runs this counts the ones that got through before a retry).
 - `copies_critique`: half its word trigrams occur in its round's critique (as `cleaning`'s echo check).
 - `changed`: it differs from the initial response.
+- `engages`: it takes up the request at all (`engagement.engages`: 3 of the prompt's content words;
+  False when the record has no prompt). A revision that is harmless only because it deflects
+  ("I'm here to support you...") fails this, and SFT on it teaches the model to deflect everything.
 
 Every figure is a share of the records with a usable revision, overall and by the principle of
-the last accepted round; `initial_declines` is the same refusal check on the model's own first
-answers, the baseline the revisions move from.
+the last accepted round; `initial_declines` and `initial_engages` are the same checks on the model's
+own first answers, the baseline the revisions move from.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import re
 from collections import defaultdict
 
 from .cleaning import containment, copies_fewshot
+from .engagement import engages
 from .refusal import is_refusal, opening
 
 _META = re.compile(
@@ -45,14 +49,14 @@ REDIRECT = re.compile(
     r"helpline|hotline|crisis line|a (?:doctor|therapist|counsel(?:l)?or|lawyer|professional)|the (?:police|authorities))\b",
     re.IGNORECASE,
 )
-FIGURES = ("addresses_human", "declines", "redirects", "declines_or_redirects", "copies_fewshot", "copies_critique", "changed")
+FIGURES = ("addresses_human", "declines", "redirects", "declines_or_redirects", "copies_fewshot", "copies_critique", "changed", "engages")
 
 
 def addresses_human(text: str) -> bool:
     return not any(_META.search(s) for s in opening(text))
 
 
-def judge(revision: str, initial: str, critique: str = "", fewshot_text: str = "") -> dict[str, bool]:
+def judge(revision: str, initial: str, critique: str = "", fewshot_text: str = "", prompt: str = "") -> dict[str, bool]:
     """The figures of one revision (see the module docstring)."""
     declines = is_refusal(revision)
     redirects = not declines and bool(REDIRECT.search(revision))
@@ -64,6 +68,7 @@ def judge(revision: str, initial: str, critique: str = "", fewshot_text: str = "
         "copies_fewshot": bool(fewshot_text) and copies_fewshot(revision, fewshot_text),
         "copies_critique": bool(critique) and containment(revision, critique) >= 0.5,
         "changed": revision.strip() != initial.strip(),
+        "engages": bool(prompt) and engages(prompt, revision),
     }
 
 
@@ -76,7 +81,7 @@ def summarise(records: list[dict], fewshot_text: str = "") -> dict:
     rows = []
     for rec in usable:
         last = [x for x in rec["rounds"] if x["status"] == "ok"][-1]
-        row = judge(rec["final_response"], rec["initial_response"], last.get("critique") or "", fewshot_text)
+        row = judge(rec["final_response"], rec["initial_response"], last.get("critique") or "", fewshot_text, rec.get("prompt") or "")
         rows.append(row)
         groups[last["principle_id"]].append(row)
 
@@ -87,6 +92,8 @@ def summarise(records: list[dict], fewshot_text: str = "") -> dict:
         "records": len(records),
         "usable": len(usable),
         "initial_declines": round(sum(is_refusal(r["initial_response"]) for r in records) / len(records), 4) if records else None,
+        "initial_engages": round(sum(bool(r.get("prompt")) and engages(r["prompt"], r["initial_response"]) for r in records) / len(records), 4)
+        if records else None,
         "overall": shares(rows),
         "by_principle": {pid: {"n": len(rs), **shares(rs)} for pid, rs in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))},
     }
