@@ -68,7 +68,7 @@ class Config:
     split: str = opt("train", "which split of the prompts to use: train, test or all (keep test for evaluation)")
     limit: int = opt(0, "red-team prompts per prompt set (0 = all)")
     helpful_prompts: str = opt("builtin:helpful", "helpful prompts answered for the SFT mixture ('' = none)")
-    helpful_limit: int = opt(0, "helpful prompts (0 = all in the split)")
+    helpful_limit: int = opt(0, "helpful prompts per prompt set (0 = all in the split)")
     helpful_samples: int = opt(2, "samples per helpful prompt (paper: 2)")
     rounds: int = opt(4, "critique/revision rounds per prompt (paper: 4)")
     critique: bool = opt(True, "false = revision without critique (the paper's ablation)")
