@@ -194,6 +194,23 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def confusion(pairs: Sequence[tuple[bool, bool]]) -> dict:
+    """A binary judge against labels, from (truth, predicted) pairs: n, tp, fp, tn, fn; accuracy,
+    precision and recall (None when undefined), each with its Wilson interval (`<name>_ci`); and
+    `majority`, the accuracy of always answering the commoner label."""
+    tp = sum(1 for t, p in pairs if t and p)
+    fp = sum(1 for t, p in pairs if p and not t)
+    fn = sum(1 for t, p in pairs if t and not p)
+    tn = len(pairs) - tp - fp - fn
+    n = len(pairs)
+    out: dict = {"n": n, "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+    for name, k, m in (("accuracy", tp + tn, n), ("precision", tp, tp + fp), ("recall", tp, tp + fn)):
+        out[name] = k / m if m else None
+        out[f"{name}_ci"] = wilson(k, m)
+    out["majority"] = max(tp + fn, tn + fp) / n if n else None
+    return out
+
+
 def bootstrap_mean(values: Sequence[float], samples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
     """(mean, lo, hi): the mean of `values` and its percentile bootstrap interval."""
     if not values:

@@ -54,7 +54,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from .eval_math import wilson
+from .eval_math import confusion
 
 OPENING_SENTENCES = 2
 OPENING_CHARS = 300
@@ -140,20 +140,14 @@ def validate(rows: list[dict]) -> dict:
     always answering the more common label); and `by_kind`: for each kind {n, correct, refusals
     (labelled), predicted (refusals predicted)}.
     """
-    counts: Counter = Counter()
+    pairs = []
     by_kind: dict[str, Counter] = {}
     for row in rows:
         truth, predicted = bool(row["refusal"]), is_refusal(row["response"])
-        counts[("tp" if truth else "fp") if predicted else ("fn" if truth else "tn")] += 1
+        pairs.append((truth, predicted))
         kind = by_kind.setdefault(str(row.get("kind")), Counter())
         kind.update(n=1, correct=int(truth == predicted), refusals=int(truth), predicted=int(predicted))
-    tp, fp, tn, fn = (counts[k] for k in ("tp", "fp", "tn", "fn"))
-    n = tp + fp + tn + fn
-    out: dict = {"n": n, "tp": tp, "fp": fp, "tn": tn, "fn": fn}
-    for name, k, m in (("accuracy", tp + tn, n), ("precision", tp, tp + fp), ("recall", tp, tp + fn)):
-        out[name] = k / m if m else None
-        out[f"{name}_ci"] = wilson(k, m)
-    out["majority"] = max(tp + fn, tn + fp) / n if n else None
+    out = confusion(pairs)
     out["by_kind"] = {kind: {f: c[f] for f in ("n", "correct", "refusals", "predicted")} for kind, c in sorted(by_kind.items())}
     return out
 

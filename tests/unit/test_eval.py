@@ -75,6 +75,23 @@ def test_wilson_hand_values():
     assert eval_math.wilson(0, 0) == (0.0, 1.0)
 
 
+def test_confusion_against_brute_force():
+    rng = random.Random(3)
+    for _ in range(200):
+        pairs = [(rng.random() < 0.4, rng.random() < 0.5) for _ in range(rng.randint(0, 15))]
+        got = eval_math.confusion(pairs)
+        n = len(pairs)
+        right = sum(t == p for t, p in pairs)
+        assert got["n"] == n and got["accuracy"] == (right / n if n else None)
+        predicted = [t for t, p in pairs if p]
+        assert got["precision"] == (sum(predicted) / len(predicted) if predicted else None)
+        labelled = [p for t, p in pairs if t]
+        assert got["recall"] == (sum(labelled) / len(labelled) if labelled else None)
+        assert got["accuracy_ci"] == eval_math.wilson(right, n)
+        positives = sum(t for t, _ in pairs)
+        assert got["majority"] == (max(positives, n - positives) / n if n else None)
+
+
 def test_bootstraps_are_reproducible_and_cover_the_estimate():
     values = [random.Random(k).gauss(0, 1) for k in range(30)]
     a = eval_math.bootstrap_mean(values, 200, seed=1)
