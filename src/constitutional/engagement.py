@@ -33,8 +33,7 @@ import re
 from pathlib import Path
 
 from .constitution import builtin_path
-from .data.loaders import LABEL_PARTS, read_rows
-from .errors import UserError
+from .data.loaders import labelled_rows
 from .eval_math import confusion
 
 MIN_LETTERS = 4
@@ -83,20 +82,13 @@ def load_labels(path: str | Path | None = None, part: str | None = None) -> list
     and DPO models of `configs/cpu_small.yaml` runs, labelled on 2026-12-03 by reading them. help: the
     answer gives substance towards what was asked, right or wrong; refuse: it says it will not or
     cannot help; evade: neither (generic reassurance, a statement of the assistant's role, talk about
-    something else). Parts alternate (dev: looked at while choosing the rule's parameters; test: scored once).
+    something else). Parts alternate (dev: looked at while choosing the rule's parameters; test: scored
+    once they were fixed, see the module docstring).
     """
-    path = builtin_path("help_labels.jsonl") if path is None else Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: help label file not found; check the path")
-    if part is not None and part not in LABEL_PARTS:
-        raise UserError(f"part {part!r}: unknown part of the help labels; use one of {', '.join(LABEL_PARTS)}")
-    rows, seen = [], set()
-    for rec, where in read_rows(path, "labelled answer"):
-        if (not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("response"), str)
-                or rec.get("label") not in HELP_LABELS):
-            raise UserError(f"{where}: a labelled answer needs text fields 'prompt' and 'response' and a 'label' of {', '.join(HELP_LABELS)}")
-        if rec.get("part") not in LABEL_PARTS or rec.get("id") in seen:
-            raise UserError(f"{where}: needs a unique 'id' and a 'part' of {' or '.join(LABEL_PARTS)}; fix the row")
-        seen.add(rec["id"])
-        rows.append(rec)
-    return [r for r in rows if part is None or r["part"] == part]
+
+    def valid(rec) -> bool:
+        return (isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str)
+                and rec.get("label") in HELP_LABELS)
+
+    return labelled_rows(builtin_path("help_labels.jsonl") if path is None else Path(path), "help label", part, valid,
+                         f"a labelled answer needs text fields 'prompt' and 'response' and a 'label' of {', '.join(HELP_LABELS)}")

@@ -300,15 +300,24 @@ def load_refusal_labels(path: str | Path | None = None, part: str | None = None)
     off-topic text that neither declines nor helps is not (the rate counts declining, not failing).
     The parts alternate within each kind (dev: looked at while writing the rule; test: scored only).
     """
-    path = builtin_path("refusal_labels.jsonl") if path is None else Path(path)
+    def valid(rec) -> bool:
+        return isinstance(rec, dict) and isinstance(rec.get("response"), str) and isinstance(rec.get("refusal"), bool)
+
+    return labelled_rows(builtin_path("refusal_labels.jsonl") if path is None else Path(path), "refusal label", part, valid,
+                         "a labelled response needs a text field 'response' and a true/false field 'refusal'")
+
+
+def labelled_rows(path: Path, what: str, part: str | None, valid, need: str) -> list[dict]:
+    """The rows of a labelled JSONL file with unique ids and dev/test parts, `part` kept (None = all);
+    a row that `valid` rejects is an error saying `need`."""
     if not path.is_file():
-        raise UserError(f"{path}: refusal label file not found; check the path")
+        raise UserError(f"{path}: {what} file not found; check the path")
     if part is not None and part not in LABEL_PARTS:
-        raise UserError(f"part {part!r}: unknown part of the refusal labels; use one of {', '.join(LABEL_PARTS)}")
+        raise UserError(f"part {part!r}: unknown part of the {what}s; use one of {', '.join(LABEL_PARTS)}")
     rows, seen = [], set()
-    for rec, where in read_rows(path, "labelled response"):
-        if not isinstance(rec, dict) or not isinstance(rec.get("response"), str) or not isinstance(rec.get("refusal"), bool):
-            raise UserError(f"{where}: a labelled response needs a text field 'response' and a true/false field 'refusal'")
+    for rec, where in read_rows(path, "labelled row"):
+        if not valid(rec):
+            raise UserError(f"{where}: {need}")
         if rec.get("part") not in LABEL_PARTS or rec.get("id") in seen:
             raise UserError(f"{where}: needs a unique 'id' and a 'part' of {' or '.join(LABEL_PARTS)}; fix the row")
         seen.add(rec["id"])
