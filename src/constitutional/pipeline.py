@@ -256,7 +256,7 @@ def _engaged(ch: dict) -> str:
 def _opening(c: dict | None, base: str) -> str:
     """'; opens 55% of its 353 answers with "i'm here to..." (base 1%, p < 0.001)': the stock opening the refusal
     classifier does not read."""
-    if not c or c.get("after") is None:
+    if not c or c.get("after") is None or round(c["after"] * c["n"]) < 2:  # one answer is no stock opening
         return ""
     p = c["p_value"]
     return (f"; opens {_pct(c['after'])} of its {c['n']} answers with \"{c['opening']}...\" ({base} {_pct(c['before'])}, "

@@ -173,7 +173,9 @@ def test_headline_reports_timings_and_the_numbers_that_matter(tmp_path):
            "vs SL-CAI on 8 held-out prompts: win rate 0.60 [0.30, 0.80]" in text and "PM score change" not in text.split("DPO")[1]
     assert "report: runs/x/report/report.html" in text
 
-    from constitutional.pipeline import verdict_lines
+    from constitutional.pipeline import _opening, verdict_lines
+
+    assert _opening({"opening": "when someone is", **paired_change([False] * 12, [True] + [False] * 11)}, "base") == ""  # 1 of 12: no stock opening
 
     alone = verdict_lines({"models": ["base"], "refusal": {"base": {"harmful_refusal_rate": 0.1, "n_harmful": 10, "benign_refusal_rate": 0.0, "n_benign": 10}}})
     assert alone == ["== base: refuses 10% of 10 harmful prompts, 0% of 10 benign look-alikes (no trained model to compare)"]
