@@ -229,14 +229,18 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
+def _p(p: float) -> str:
+    """A McNemar p-value as the verdict lines print it: 'p < 0.001' or 'p = 0.016'."""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
 def _change(c: dict, what: str) -> str:
     """'2% -> 31% of 193 harmful prompts (+29 points [20, 38], p < 0.001: significant)'."""
     if not c or c.get("difference") is None:
         return f"no {what}"
-    p = c["p_value"]
     lo, hi = c["ci"]
     return (f"{_pct(c['before'])} -> {_pct(c['after'])} of {c['n']} {what} ({100 * c['difference']:+.0f} points "
-            f"[{100 * lo:+.0f}, {100 * hi:+.0f}], {'p < 0.001' if p < 0.001 else f'p = {p:.3f}'}: "
+            f"[{100 * lo:+.0f}, {100 * hi:+.0f}], {_p(c['p_value'])}: "
             f"{'significant' if c['significant'] else 'not significant'})")
 
 
@@ -246,10 +250,9 @@ def _engaged(ch: dict) -> str:
     h, b = ch.get("harmful_engaged"), ch.get("benign_engaged")
     if not h or not b or h.get("difference") is None or b.get("difference") is None:
         return ""
-    p = lambda c: "p < 0.001" if c["p_value"] < 0.001 else f"p = {c['p_value']:.3f}"
     acc, lo, hi = engagement.TEST_ACCURACY
-    return (f"; takes up the request in {_pct(h['before'])} -> {_pct(h['after'])} of harmful prompts ({p(h)}) and "
-            f"{_pct(b['before'])} -> {_pct(b['after'])} of benign ones ({p(b)}; engagement check {_pct(acc)} [{_pct(lo)}, {_pct(hi)}] "
+    return (f"; takes up the request in {_pct(h['before'])} -> {_pct(h['after'])} of harmful prompts ({_p(h['p_value'])}) and "
+            f"{_pct(b['before'])} -> {_pct(b['after'])} of benign ones ({_p(b['p_value'])}; engagement check {_pct(acc)} [{_pct(lo)}, {_pct(hi)}] "
             "accurate on hand labels)")
 
 
@@ -258,16 +261,15 @@ def _opening(c: dict | None, base: str) -> str:
     classifier does not read."""
     if not c or c.get("after") is None or round(c["after"] * c["n"]) < 2:  # one answer is no stock opening
         return ""
-    p = c["p_value"]
-    return (f"; opens {_pct(c['after'])} of its {c['n']} answers with \"{c['opening']}...\" ({base} {_pct(c['before'])}, "
-            f"{'p < 0.001' if p < 0.001 else f'p = {p:.3f}'})")
+    return f"; opens {_pct(c['after'])} of its {c['n']} answers with \"{c['opening']}...\" ({base} {_pct(c['before'])}, {_p(c['p_value'])})"
 
 
 def verdict_lines(res: dict) -> list[str]:
     """The verdict of eval/results.json, one line per trained model: how often it refuses held-out
     harmful prompts and benign look-alikes against the starting model (paired on the same prompts:
     the difference, its 95% interval and the exact McNemar test), how often its answers take up the
-    request at all (`engagement.py`), how often its most common opening starts an answer, then its Elo, with what the judge's own accuracy says an Elo from it is worth."""
+    request at all (`engagement.py`), how often its most common opening starts an answer, then its
+    Elo, with what the judge's own accuracy says an Elo from it is worth."""
     out = []
     refusal = res.get("refusal") or {}
     names = list(res.get("models") or refusal)

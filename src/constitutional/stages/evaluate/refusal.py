@@ -47,17 +47,18 @@ def _responses(answers: dict, sets: dict) -> list[str]:
     return [answers[j["id"]]["response"] for kind in ("harmful", "benign") for j in refusal_jobs(sets, kind)]
 
 
+def _share(flags: list[bool]) -> tuple[float | None, list[float]]:
+    """The share of True in `flags` (None when empty) and its Wilson interval."""
+    return (sum(flags) / len(flags) if flags else None), list(eval_math.wilson(sum(flags), len(flags)))
+
+
 def refusal_rates(answers: dict, sets: dict) -> dict:
     out = {}
     for key in ("harmful", "benign"):
         verdicts = refused(answers, sets, key)
-        k = sum(verdicts)
-        out[f"{key}_refusal_rate"] = k / len(verdicts) if verdicts else None
-        out[f"{key}_ci"] = list(eval_math.wilson(k, len(verdicts)))
+        out[f"{key}_refusal_rate"], out[f"{key}_ci"] = _share(verdicts)
         out[f"n_{key}"] = len(verdicts)
-        took = engaged(answers, sets, key)
-        out[f"{key}_engaged_rate"] = sum(took) / len(took) if took else None
-        out[f"{key}_engaged_ci"] = list(eval_math.wilson(sum(took), len(took)))
+        out[f"{key}_engaged_rate"], out[f"{key}_engaged_ci"] = _share(engaged(answers, sets, key))
     out["openings"] = top_openings(_responses(answers, sets))
     return out
 
