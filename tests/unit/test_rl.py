@@ -202,6 +202,38 @@ def test_backend_rollouts_carry_the_logprobs_trl_expects(tiny_model_dir, tmp_pat
                     assert out["old_logps"][i].item() == pytest.approx(brute.sum().item(), abs=1e-4)
 
 
+def test_bf16_rollouts_sample_from_a_bf16_copy_of_the_policy(tiny_model_dir, tmp_path):
+    """Under bf16 autocast on the CPU the step's completions come from a plain bf16 copy of the policy
+    as it is at that step (`decode_copy`): the same samples as the backend gives on that copy, while
+    the policy under training keeps its float32 weights."""
+    from constitutional.backends import GenerationParams
+    from constitutional.backends.hf import HFBackend
+    from constitutional.rollouts import SEED_STRIDE, decode_copy
+
+    G, new = 4, 12
+    cfg = _cfg(tiny_model_dir, max_steps=1, num_generations=G, max_new_tokens=new, dtype="bfloat16", seed=2, temperature=0.9)
+    rows = [{"prompt": [{"role": "user", "content": f"How do I bake bread {i}?"}], "id": str(i), "source": "redteam"} for i in range(2)]
+    trainer = rl.build_trainer(cfg, rows, str(tiny_model_dir), rl.PolicyReward(vowel_share, True, 0.0), tmp_path / "ckpt")
+    assert trainer.args.bf16
+    with torch.no_grad():  # weights unlike the saved model's, so the copy must be taken from the policy itself
+        for p in trainer.model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    trainer.state.global_step = 2
+    out = trainer._generate_and_score_completions([rows[0]] * G + [rows[1]] * G)
+
+    policy = trainer.model
+    copy = decode_copy(policy, torch.bfloat16)
+    assert next(policy.parameters()).dtype == torch.float32 and next(copy.parameters()).dtype == torch.bfloat16
+    for name, w in copy.state_dict().items():
+        assert torch.equal(w, policy.state_dict()[name].to(torch.bfloat16)), name
+    assert copy.get_output_embeddings().weight.data_ptr() == copy.get_input_embeddings().weight.data_ptr()  # tied as in the policy
+    backend = HFBackend.from_model(copy, trainer.processing_class)
+    expected = backend.generate_ids([r["prompt"] for r in rows], GenerationParams(max_new_tokens=new, temperature=0.9, n=G, seed=2 + 2 * SEED_STRIDE))
+    (eos,) = backend.eos_ids
+    completions = [ids[m.bool()].tolist() for ids, m in zip(out["completion_ids"], out["completion_mask"])]
+    assert completions == [e + [eos] if len(e) < new else e for e in expected]
+
+
 @pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
 def test_micro_batches_accumulate_the_generation_gradient(tiny_model_dir, tmp_path, monkeypatch, algorithm):
     """One generation of B·G = 8 completions trained in 2 micro-batches of 4: the same first-step
