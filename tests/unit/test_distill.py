@@ -313,6 +313,35 @@ def test_training_resumes_after_a_crash(tmp_path, sharp_model_dir, files, monkey
     assert [c["loss"] for c in lb] == pytest.approx([c["loss"] for c in la], rel=1e-4)
 
 
+def test_a_crash_after_the_last_step_does_not_train_again(tmp_path, sharp_model_dir, files, monkeypatch):
+    """The last step's checkpoint holds the weights without AdamW's moments (nothing trains after
+    it); a crash in the held-out evaluation that follows resumes from it without a training step,
+    and the model equals an uninterrupted run's."""
+    cfg = config(files, sharp_model_dir, max_steps=3, save_steps=2)
+    whole = distill.run(cfg, RunDir(tmp_path / "whole"))
+    real, calls = distill.heldout_kl, []
+
+    def dies_after_training(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # "before", then "after" the training
+            raise Crash
+        return real(*a, **k)
+
+    monkeypatch.setattr(distill, "heldout_kl", dies_after_training)
+    with pytest.raises(Crash):
+        distill.run(cfg, RunDir(tmp_path / "resumed"))
+    (last,) = (tmp_path / "resumed" / "distill" / "checkpoints").iterdir()
+    assert last.name == "step-3" and not (last / "optimizer.pt").exists() and (last / "trainable.pt").is_file()
+    monkeypatch.setattr(distill, "heldout_kl", real)
+    steps = []
+    monkeypatch.setattr(distill, "train_step", lambda *a, **k: steps.append(1))
+    resumed = distill.run(cfg, RunDir(tmp_path / "resumed"))
+    assert steps == [] and resumed["resumed_from_step"] == 3 and resumed["steps"] == 3
+    assert resumed["kl_after"] == pytest.approx(whole["kl_after"], rel=1e-5)
+    a, b = weights(tmp_path / "whole" / "distill" / "model"), weights(tmp_path / "resumed" / "distill" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_top_k_with_lora(tmp_path, sharp_model_dir, files):
     run = RunDir(tmp_path / "run")
     s = distill.run(config(files, sharp_model_dir, top_k=16, lora=True, lora_r=4, learning_rate=1e-2, max_steps=8), run)

@@ -263,3 +263,27 @@ def test_bad_input(tmp_path):
     with pytest.raises(UserError, match=r"sft.model '/nowhere/model': directory not found"):
         sft.run(config("/nowhere/model"), run)
     assert not (run.path / "sft" / "model").exists()
+
+
+def test_no_checkpoint_at_the_last_step(tmp_path, tiny_model_dir, monkeypatch):
+    """Checkpoints every save_steps, but none at the last step: the stage saves the model right
+    after training, and that checkpoint (weights and AdamW's moments) would be deleted unread."""
+    import trl
+    from transformers import TrainerCallback
+
+    saved = []
+
+    class Record(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            saved.append(state.global_step)
+
+    class RecordingTrainer(trl.SFTTrainer):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, callbacks=[Record()], **kw)
+
+    run = RunDir(tmp_path / "run")
+    write_revise(run)
+    monkeypatch.setattr(trl, "SFTTrainer", RecordingTrainer)
+    summary = sft.run(config(tiny_model_dir, max_steps=3, save_steps=1), run)
+    assert saved == [1, 2] and summary["steps"] == 3
+    assert (run.path / "sft" / "model" / "config.json").is_file()

@@ -43,7 +43,7 @@ from ..data.loaders import file_stem, implicit_prompt, parse_transcript, read_ro
 from ..errors import UserError
 from .. import distributed
 from ..run import RunDir, atomic_write_json, atomic_write_text, read_records
-from ..training import checkpointing_setting, plan_step, report_targets, speed, tracking
+from ..training import checkpointing_setting, plan_step, skip_final_checkpoint, report_targets, speed, tracking
 from . import resolve_model
 
 STAGE = "train-pm"
@@ -297,6 +297,7 @@ def build_trainer(cfg: Config, base: str, tokenizer, rows: list[dict], ckpt_dir:
     trainer = SoftLabelRewardTrainer(
         model=base, args=_training_args(cfg, ckpt_dir, plan), train_dataset=Dataset.from_list(rows), processing_class=tokenizer
     )
+    skip_final_checkpoint(trainer)
     if len(trainer.train_dataset) == 0:
         raise UserError(f"all {len(rows)} training comparisons are longer than max_length={cfg.max_length} tokens; raise train-pm.max_length")
     # a comparison's batch row width (chosen and rejected are padded together), for the length-grouped sampler

@@ -52,7 +52,7 @@ from ..config import opt, to_dict
 from ..errors import UserError
 from ..run import RunDir, atomic_write_json, atomic_write_text, now
 from ..run import read_records as run_read_records
-from ..training import (checkpointing_setting, keep_matching_checkpoints, last_checkpoint, load_causal_lm, lora_config, plan_step,
+from ..training import (checkpointing_setting, skip_final_checkpoint, keep_matching_checkpoints, last_checkpoint, load_causal_lm, lora_config, plan_step,
                         report_targets, save_model, speed, tracking, trainer_args, training_dtype)
 
 
@@ -234,6 +234,7 @@ def build_trainer(cfg: Config, rows: list[dict], checkpoint_dir: Path):
     )
     data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config)
+    skip_final_checkpoint(trainer)
     if len(trainer.train_dataset) == 0:  # TRL drops examples whose prompt alone fills max_length
         raise UserError(f"sft.max_length {cfg.max_length}: every prompt fills it, nothing left to train on; raise sft.max_length")
     if padding_free:

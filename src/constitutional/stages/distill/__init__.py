@@ -140,8 +140,8 @@ def train(cfg: Config, student, teacher: Teacher, examples: list[Example], pad_i
             curve.append({"step": step + 1, "loss": loss, "learning_rate": lr, "epoch": round((step + 1) / per_epoch, 4)})
             logger.log(step + 1, {key: v for key, v in curve[-1].items() if key != "step"})
             bar.set_postfix(loss=f"{loss:.4f}")
-            if (step + 1) % cfg.save_steps == 0 or step + 1 == total:
-                save_checkpoint(ckpt_dir, step + 1, student, optimizer, {"curve": curve, "fingerprint": fingerprint})
+            if (step + 1) % cfg.save_steps == 0 or step + 1 == total:  # the last one without the optimizer: nothing trains after it
+                save_checkpoint(ckpt_dir, step + 1, student, optimizer if step + 1 < total else None, {"curve": curve, "fingerprint": fingerprint})
         logger.close()
     return {"steps": total, "resumed_from_step": start, "curve": curve, "seconds": time.time() - t0, "tokens": tokens}
 

@@ -82,7 +82,8 @@ def _checkpoints(directory: Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(directory: Path, step: int, student, optimizer, state: dict) -> None:
     """Trainable weights, optimizer and `state` into `directory/step-<step>` (temp dir + rename);
-    older checkpoints are removed afterwards."""
+    older checkpoints are removed afterwards. `optimizer` None (the last step: nothing trains after
+    it) writes no optimizer state, 2/3 of the bytes for AdamW, and marks the checkpoint final."""
     import torch
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -90,8 +91,9 @@ def save_checkpoint(directory: Path, step: int, student, optimizer, state: dict)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     torch.save({n: p.detach().cpu() for n, p in student.named_parameters() if p.requires_grad}, tmp / "trainable.pt")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    atomic_write_json(tmp / "state.json", {**state, "step": step})
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    atomic_write_json(tmp / "state.json", {**state, "step": step, "final": optimizer is None})
     target = directory / f"step-{step}"
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
@@ -111,8 +113,11 @@ def load_checkpoint(directory: Path, fingerprint: str, student, optimizer) -> di
             continue
         if state.get("fingerprint") != fingerprint:
             return None
+        if not state.get("final") and not (d / "optimizer.pt").is_file():
+            continue
         student.load_state_dict(torch.load(d / "trainable.pt", weights_only=True), strict=False)
-        optimizer.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
+        if not state.get("final"):  # a final checkpoint ends the training: no optimizer state to restore
+            optimizer.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
         return state
     return None
 

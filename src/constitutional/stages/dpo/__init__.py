@@ -57,7 +57,7 @@ from ...config import to_dict
 from ...errors import UserError
 from ...memory import peak_mb
 from ...run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now, read_jsonl
-from ...training import (keep_matching_checkpoints, last_checkpoint, load_causal_lm, plan_step,
+from ...training import (keep_matching_checkpoints, skip_final_checkpoint, last_checkpoint, load_causal_lm, plan_step,
                         lora_config, save_model, speed, tracking, trainer_args, training_dtype)
 from .. import resolve_model
 from .. import rl
@@ -128,6 +128,7 @@ def build_trainer(cfg: Config, rows: list[dict], heldout_rows: list[dict], polic
                              eval_dataset=dataset(heldout_rows) if heldout_rows else None, processing_class=tokenizer,
                              peft_config=lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None,
                              callbacks=[rl.on_log_callback(c) for c in callbacks], hard=cfg.loss == "sigmoid")
+    skip_final_checkpoint(trainer)
     trainer.speed_facts = facts
     return trainer
 

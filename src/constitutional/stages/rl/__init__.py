@@ -68,7 +68,7 @@ from ...errors import UserError
 from ...memory import peak_mb
 from ...run import RecordShard, RunDir, atomic_write_json, atomic_write_text, now, read_jsonl
 from .. import load_prompt_sets, resolve_model
-from ...training import (checkpointing_setting, keep_matching_checkpoints, last_checkpoint, load_causal_lm, lora_config, plan_step,
+from ...training import (checkpointing_setting, skip_final_checkpoint, keep_matching_checkpoints, last_checkpoint, load_causal_lm, lora_config, plan_step,
                         report_targets, save_model, speed, tracking, trainer_args, training_dtype)
 from .config import Config
 from .records import inputs_fingerprint, mean, model_stamp, on_log_callback
@@ -215,6 +215,7 @@ def build_trainer(cfg: Config, rows: list[dict], policy: str, reward: PolicyRewa
         check_sampling(args)
     trainer = trainer_cls(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=tokenizer, peft_config=peft_config, callbacks=[on_log_callback(c) for c in callbacks])
+    skip_final_checkpoint(trainer)
     trainer.speed_facts = {**plan.facts, "rollouts": cfg.rollouts}
     return trainer
 
