@@ -63,6 +63,19 @@ def nucleus(probs: torch.Tensor, top_p: float, k: int = NUCLEUS_TOP_K) -> torch.
     return out
 
 
+def draw(probs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of `probs` (rows, vocab: non-negative weights, e.g. a nucleus), row k drawn
+    with its own generator `gens[k]` by inverting the row's cumulative distribution at one uniform
+    number: a categorical draw from one random number per row, where `torch.multinomial` draws one
+    exponential per vocabulary entry (0.9 ms a row for 49,152 tokens on a 2-core CPU). The sums run in
+    float64 (exact to ~1e-12 over 49,152 terms); a token of weight 0 is never drawn."""
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens])
+    cum = probs.double().cumsum(-1)
+    tokens = torch.searchsorted(cum, (u * cum[:, -1]).unsqueeze(1), right=True).squeeze(1)  # first token whose cum passes u·total
+    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(-1)  # u·total can round up to the total
+    return torch.minimum(tokens, last)
+
+
 class Sampling:
     """`HFBackend`'s per-step bookkeeping: sample, record, stop at eos or a stop string, count."""
 
@@ -101,4 +114,4 @@ class Sampling:
         probs = torch.softmax(logits / params.temperature, dim=-1).cpu()
         if params.top_p < 1.0:
             probs = nucleus(probs, params.top_p)
-        return torch.stack([torch.multinomial(probs[k], 1, generator=g)[0] for k, g in enumerate(gens)])
+        return draw(probs, gens)
