@@ -188,7 +188,7 @@ def training_dtype(spec: str) -> str:
 def skip_final_checkpoint(trainer) -> None:
     """No checkpoint at the last step: the stage saves the trained model itself right after
     `train()`, and transformers' checkpoint there (weights, AdamW's moments, RNG state: 1.6 GB on
-    a 135M model, ~10 s on a 2-core CPU) would be deleted unread. A crash between the last step
+    a 135M model, 8-25 s to write on our 2-core machine) would be deleted unread. A crash between the last step
     and that save resumes from the checkpoint before, which trains the same steps again."""
     from transformers import TrainerCallback
 
