@@ -14,7 +14,7 @@ policy's and the reference's, one forward each), so the loss is unchanged; tests
 checks them against a brute-force forward.
 
 Under bf16 autocast on the CPU the samples come from a plain bf16 copy of the policy's weights as
-they are at that step (`decode_copy`, 270 MB for 135M parameters, made in ~0.4 s): decoding the float32
+they are at that step (`decode_copy`, 270 MB for 135M parameters, made in 0.2-0.4 s): decoding the float32
 policy through accelerate's autocast and TRL's patched forward took twice as long per token.
 
 Sampling: temperature, top_p and repetition_penalty as TRL's config says (other samplers, top_k
