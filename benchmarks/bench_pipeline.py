@@ -17,6 +17,7 @@ step were full). Results: a JSON file and a table on stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -127,6 +128,19 @@ def peak(model: str) -> dict:
             "tokens_per_s": b.stats["generated_tokens"] / seconds}
 
 
+@contextlib.contextmanager
+def baseline_checkout(rev: str, prefix: str):
+    """(a temp dir, `rev` checked out in it with `git worktree`), both removed afterwards."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    base_tree = tmp / "baseline"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base_tree), rev], check=True)
+    try:
+        yield tmp, base_tree
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)], check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline-rev", default="00fcaee", help="the commit to compare against (before the scheduler)")
@@ -135,10 +149,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline_cpu.json"))
     args = ap.parse_args()
     stages = [s for s in args.stages.split(",") if s]
-    tmp = Path(tempfile.mkdtemp(prefix="cai-bench-pipeline-"))
-    base_tree = tmp / "baseline"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base_tree), args.baseline_rev], check=True)
-    try:
+    with baseline_checkout(args.baseline_rev, "cai-bench-pipeline-") as (tmp, base_tree):
         config = tmp / "bench.yaml"
         config.write_text(CONFIG.format(model=args.model))
         results = {"peak": peak(args.model), "stages": {}}
@@ -150,9 +161,6 @@ def main() -> None:
             row["ours_vs_peak"] = row["ours"]["tokens_per_s"] / results["peak"]["tokens_per_s"]
             row["baseline_vs_peak"] = row["baseline"]["tokens_per_s"] / results["peak"]["tokens_per_s"]
             results["stages"][stage] = row
-    finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)], check=False)
-        shutil.rmtree(tmp, ignore_errors=True)
     import platform
 
     import torch

@@ -23,9 +23,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from bench_pipeline import baseline_checkout  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("seconds", "seconds_train", "seconds_per_step", "micro_batches", "gradient_checkpointing", "peak_rss_mb")
@@ -58,11 +59,8 @@ def main() -> None:
     src_run = Path(args.run).resolve()
     if not (src_run / "manifest.json").is_file():
         raise SystemExit(f"--run {args.run}: no manifest.json there; give a finished run directory")
-    tmp = Path(tempfile.mkdtemp(prefix="cai-bench-stages-"))
-    base_tree = tmp / "baseline"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base_tree), args.baseline_rev], check=True)
     results: dict = {"baseline_rev": args.baseline_rev, "config": args.config, "sets": args.set, "stages": {}}
-    try:
+    with baseline_checkout(args.baseline_rev, "cai-bench-stages-") as (tmp, base_tree):
         for stage in [s for s in args.stages.split(",") if s]:
             row = {}
             for name, src in (("baseline", base_tree / "src"), ("ours", ROOT / "src")):
@@ -75,9 +73,6 @@ def main() -> None:
             b, o = row["baseline"], row["ours"]
             print(f"{stage:9s} baseline {b['stage_seconds']:7.1f} s (peak {b['peak_rss_mb']} MB)  ours {o['stage_seconds']:7.1f} s "
                   f"(peak {o['peak_rss_mb']} MB)  speedup {row['speedup']:.2f}x", flush=True)
-    finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)], check=False)
-        shutil.rmtree(tmp, ignore_errors=True)
     import platform
 
     results["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
