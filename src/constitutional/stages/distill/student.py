@@ -113,8 +113,6 @@ def load_checkpoint(directory: Path, fingerprint: str, student, optimizer) -> di
             continue
         if state.get("fingerprint") != fingerprint:
             return None
-        if not state.get("final") and not (d / "optimizer.pt").is_file():
-            continue
         student.load_state_dict(torch.load(d / "trainable.pt", weights_only=True), strict=False)
         if not state.get("final"):  # a final checkpoint ends the training: no optimizer state to restore
             optimizer.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
