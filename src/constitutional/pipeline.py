@@ -1,8 +1,9 @@
 """Running stages: one stage (`cai <stage>`), a pipeline YAML (`cai run`), and `cai quickstart`.
 
-A pipeline YAML has top-level settings (`run_dir`, `seed`, `model`, `memory_mb`, `stages`) and one
+A pipeline YAML has top-level settings (`run_dir`, `seed`, `model`, `memory_mb`, `fresh_process`, `stages`) and one
 section per stage. `seed`, `model` and `memory_mb` are defaults for every stage whose config has
-those fields. Each stage
+those fields, and `fresh_process` (default true) runs each stage of a pipeline in a process of
+its own (`stage_process`). Each stage
 runs under the run directory's lock, is skipped when it already finished with the same resolved
 config (unless `--force`), and records its status, timings and summary in the manifest.
 """
@@ -31,6 +32,7 @@ class PipelineConfig:
     model: str = opt("embedded", "the starting model: the default for every stage that takes a model (stages whose model is auto use this run's trained model, else this one)")
     stages: list[str] = opt([], "stages to run, in order")
     memory_mb: int = opt(0, "memory the process may use, MB: the default for every training stage's memory_mb (0 = the machine's free memory)")
+    fresh_process: bool = opt(True, "run each stage in a process of its own, forked from one that has imported the libraries (no import cost), so that a stage's memory is its own, not what earlier stages left in the heap; false runs every stage in this process")
 
 
 def split_pipeline(data: dict, source: str) -> tuple[PipelineConfig, dict[str, dict]]:
@@ -111,6 +113,26 @@ def run_stage(name: str, module, cfg, run_dir: RunDir, force: bool) -> dict | No
     return summary
 
 
+def run_fresh(name: str, cfg, run_dir: RunDir, force: bool) -> dict | None:
+    """`run_stage` in a process of its own (stage_process); this process keeps the lock and reloads
+    the manifest the stage wrote. A stage killed before it could say so is marked failed here."""
+    from .stage_process import StageFailed, run_in_process
+
+    module = stages.load(name)
+    if not getattr(module, "ALWAYS_RUN", False) and not force and run_dir.is_done(name, config_hash(cfg)):
+        print(f"[{name}] already done with this config, skipped (use --force to rerun)", file=sys.stderr)
+        return run_dir.stage_status(name).get("summary")  # no process for a stage that is skipped
+    try:
+        return run_in_process(run_stage, name, cfg, str(run_dir.path), force)
+    except StageFailed as e:
+        run_dir.reload()
+        if run_dir.stage_status(name).get("status") == "running":
+            run_dir.fail(name, str(e))
+        raise
+    finally:
+        run_dir.reload()
+
+
 def release_memory() -> None:
     """After a stage: collect what its objects' reference cycles keep alive (a trainer holds its
     model, gradients and optimizer state in them, and Python's collector runs on object counts,
@@ -161,7 +183,10 @@ def _run_pipeline(data: dict, source: str, overrides: list[str], run_dir_arg: st
         run_dir.manifest["pipeline"] = {"source": source, "stages": pipe.stages, "seed": pipe.seed, "model": pipe.model}
         run_dir.save()
         for name, module, cfg in planned:
-            run_stage(name, module, cfg, run_dir, force)
+            if pipe.fresh_process:
+                run_fresh(name, cfg, run_dir, force)
+            else:
+                run_stage(name, module, cfg, run_dir, force)
     for line in headline(run_dir, [name for name, _, _ in planned]):
         print(line)
     print(f"run directory: {run_dir.path}", file=sys.stderr)

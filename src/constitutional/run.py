@@ -192,6 +192,10 @@ class RunDir:
         self.manifest = self._load_manifest()
         self._lock_file = None
 
+    def reload(self) -> None:
+        """Read the manifest again (another process, e.g. a stage's own, has written it)."""
+        self.manifest = self._load_manifest()
+
     def _load_manifest(self) -> dict:
         if not self.manifest_path.exists():
             return {"name": self.path.name, "created": now(), "stages": {}}
@@ -229,6 +233,11 @@ class RunDir:
     def stage_status(self, stage: str) -> dict:
         return self.manifest["stages"].get(stage, {})
 
+    def is_done(self, stage: str, config_hash: str) -> bool:
+        """Whether `stage` finished with the config whose hash is `config_hash`."""
+        st = self.stage_status(stage)
+        return st.get("status") == "done" and st.get("config_hash") == config_hash
+
     def begin(self, stage: str, config: dict, config_hash: str, seed: int | None, force: bool = False) -> bool:
         """Mark `stage` as running. Returns False when it is already done with this config (skip).
 
@@ -236,7 +245,7 @@ class RunDir:
         so that nothing is lost and no stale record is trusted.
         """
         st = self.stage_status(stage)
-        if st.get("status") == "done" and st.get("config_hash") == config_hash and not force:
+        if self.is_done(stage, config_hash) and not force:
             return False
         d = self.path / stage
         if d.exists() and (force or (st and st.get("config_hash") != config_hash)):
@@ -256,6 +265,7 @@ class RunDir:
             "config_hash": config_hash,
             "started": now(),
             "argv": sys.argv[1:],
+            "pid": os.getpid(),  # the process that runs it (a pipeline runs each stage in its own)
             "_t0": time.time(),
         }
         self.save()

@@ -193,3 +193,35 @@ def test_every_shipped_config_builds(tmp_path):
         pipe, sections = split_pipeline(load_yaml(path), str(path))
         for name in dict.fromkeys([*pipe.stages, *sections]):
             stage_config(name, sections.get(name, {}), pipe, str(path))
+
+
+def _two_stages(tmp_path, tiny, fresh: bool, prompts: str = "builtin:redteam"):
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(
+        f"run_dir: {tmp_path / 'run'}\nmodel: {tiny}\nfresh_process: {str(fresh).lower()}\nstages: [baseline, sample]\n"
+        f"baseline:\n  prompts: {prompts}\n  limit: 2\n  split: all\n  max_new_tokens: 3\n  mc_limit: 2\n  dtype: float32\n"
+        f"sample:\n  policy: {tiny}\n  limit: 2\n  max_new_tokens: 3\n  dtype: float32\n"
+    )
+    return cfg
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_each_stage_runs_in_a_process_of_its_own_unless_told_not_to(tmp_path, tiny_model_dir, fresh):
+    import os
+
+    assert main(["run", str(_two_stages(tmp_path, tiny_model_dir, fresh))]) == 0
+    st = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
+    assert st["baseline"]["status"] == st["sample"]["status"] == "done"
+    assert st["baseline"]["summary"]["responses"] == 2 and st["sample"]["summary"]["prompts"] == 2
+    assert len(read_jsonl(tmp_path / "run" / "sample" / "pairs.jsonl")) == 2
+    pids = {st["baseline"]["pid"], st["sample"]["pid"]}
+    assert pids.isdisjoint({os.getpid()}) and len(pids) == 2 if fresh else pids == {os.getpid()}
+
+
+def test_bad_input_found_in_a_stage_process_is_one_line_and_exit_2(tmp_path, tiny_model_dir, capsys):
+    cfg = _two_stages(tmp_path, tiny_model_dir, True, prompts=str(tmp_path / "missing.jsonl"))
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("cai: error: ") and "missing.jsonl" in err[-1] and "Traceback" not in "".join(err)
+    st = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
+    assert st["baseline"]["status"] == "failed" and "sample" not in st  # the pipeline stopped there
