@@ -135,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if is_main():  # several training processes fail alike: one line, from the main one
             print(f"cai: error: {e}", file=sys.stderr)
+        else:
+            # torchrun stops every rank when the first one exits: the others wait a moment, so that
+            # the main one's line is written before it is stopped (CI once saw rank 1 win that race)
+            import time
+
+            time.sleep(3)
         return e.exit_code
     except KeyboardInterrupt:
         print("cai: interrupted; rerun the same command to resume", file=sys.stderr)
