@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run directory (default: the config's run_dir)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. revise.num_rounds=2")
     p.add_argument("--force", action="store_true", help="rerun finished stages")
-    p = sub.add_parser("quickstart", help="the whole chain on the embedded model with built-in data (about 15 min on 2 idle CPU cores including the install, peak memory 5.3 GB), ending with the verdict, timings, peak memory per stage and the report", description="run the whole chain on the embedded default model with built-in data (about 15 min on 2 idle CPU cores including the install, 5.3 GB peak memory; README, \"Status\")")
+    p = sub.add_parser("quickstart", help="the whole chain on the embedded model with built-in data (about 15 min on 2 idle CPU cores including the install, peak memory 4.0 GB), ending with the verdict, timings, peak memory per stage and the report", description="run the whole chain on the embedded default model with built-in data (about 15 min on 2 idle CPU cores including the install, 4.0 GB peak memory; README, \"Status\")")
     p.add_argument("--run-dir", default="runs/quickstart", help="run directory (default: runs/quickstart)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--force", action="store_true", help="rerun finished stages")

@@ -115,7 +115,8 @@ def run_stage(name: str, module, cfg, run_dir: RunDir, force: bool) -> dict | No
 
 def run_fresh(name: str, cfg, run_dir: RunDir, force: bool) -> dict | None:
     """`run_stage` in a process of its own (stage_process); this process keeps the lock and reloads
-    the manifest the stage wrote. A stage killed before it could say so is marked failed here."""
+    the manifest the stage wrote. A stage whose process ended before it could say so (killed,
+    interrupted early) is marked failed here."""
     from .stage_process import StageFailed, run_in_process
 
     module = stages.load(name)
@@ -124,10 +125,10 @@ def run_fresh(name: str, cfg, run_dir: RunDir, force: bool) -> dict | None:
         return run_dir.stage_status(name).get("summary")  # no process for a stage that is skipped
     try:
         return run_in_process(run_stage, name, cfg, str(run_dir.path), force)
-    except StageFailed as e:
+    except BaseException as e:
         run_dir.reload()
-        if run_dir.stage_status(name).get("status") == "running":
-            run_dir.fail(name, str(e))
+        if run_dir.stage_status(name).get("status") == "running":  # its process ended before it could say so
+            run_dir.fail(name, str(e) if isinstance(e, StageFailed) else f"{type(e).__name__}: {e}")
         raise
     finally:
         run_dir.reload()
@@ -182,11 +183,17 @@ def _run_pipeline(data: dict, source: str, overrides: list[str], run_dir_arg: st
     with run_dir.locked():
         run_dir.manifest["pipeline"] = {"source": source, "stages": pipe.stages, "seed": pipe.seed, "model": pipe.model}
         run_dir.save()
-        for name, module, cfg in planned:
+        try:
+            for name, module, cfg in planned:
+                if pipe.fresh_process:
+                    run_fresh(name, cfg, run_dir, force)
+                else:
+                    run_stage(name, module, cfg, run_dir, force)
+        finally:
             if pipe.fresh_process:
-                run_fresh(name, cfg, run_dir, force)
-            else:
-                run_stage(name, module, cfg, run_dir, force)
+                from .stage_process import stop
+
+                stop()
     for line in headline(run_dir, [name for name, _, _ in planned]):
         print(line)
     print(f"run directory: {run_dir.path}", file=sys.stderr)

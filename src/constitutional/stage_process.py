@@ -132,3 +132,16 @@ def run_in_process(target, name: str, cfg, run_path: str, force: bool):
     if kind == "error":
         raise value
     return value
+
+
+def stop() -> None:
+    """Stop the forkserver, if one was started, and wait for it: its children's resource usage
+    (their peak memory among it) then counts towards this process's, so `/usr/bin/time -v cai run`
+    reports the largest stage's peak, not the pipeline process's. A later stage starts it again."""
+    if _ctx is None:
+        return
+    from multiprocessing import forkserver
+
+    halt = getattr(getattr(forkserver, "_forkserver", None), "_stop", None)  # CPython's own, used by its tests
+    if halt is not None:
+        halt()

@@ -25,13 +25,17 @@ def _stage(run: Path) -> dict:
         return {}
 
 
-def _running_child(run: Path, proc: subprocess.Popen, old: set[int]) -> int:
-    """The pid of the stage's own process once it has begun and written a record."""
+def _records(run: Path) -> int:
     shard = run / "baseline" / "responses.jsonl"
+    return len(shard.read_text().splitlines()) if shard.exists() else 0
+
+
+def _running_child(run: Path, proc: subprocess.Popen, old: set[int], before: int) -> int:
+    """The pid of the stage's own process once it has begun and written a record beyond `before`."""
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         st = _stage(run)
-        if st.get("status") == "running" and st.get("pid") not in old | {proc.pid} and shard.exists() and shard.stat().st_size:
+        if st.get("status") == "running" and st.get("pid") not in old | {proc.pid} and _records(run) > before:
             return st["pid"]
         time.sleep(0.05)
     raise AssertionError(f"the stage never ran in a process of its own (exit {proc.poll()})")
@@ -60,7 +64,7 @@ def test_stage_processes_die_alone_or_with_the_pipeline_and_the_rerun_finishes(t
 
     # 1. the stage's process is killed (as the kernel's OOM killer would): exit 1, one line, resumable
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    child = _running_child(run, proc, set())
+    child = _running_child(run, proc, set(), 0)
     os.kill(child, signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err[-2000:]
@@ -68,23 +72,29 @@ def test_stage_processes_die_alone_or_with_the_pipeline_and_the_rerun_finishes(t
     assert _stage(run)["status"] == "failed"
 
     # 2. the pipeline's process is killed: its stage's process goes with it
+    before = _records(run)
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    second = _running_child(run, proc, {child})
+    second = _running_child(run, proc, {child}, before)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert _gone(second, within=10), "the stage's process outlived the pipeline's"
 
     # 3. Ctrl-C (SIGINT to the terminal's process group): the stage records it, the pipeline exits 130
+    before = _records(run)
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    third = _running_child(run, proc, {child, second})
+    third = _running_child(run, proc, {child, second}, before)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err.strip().splitlines()[-1], err[-2000:]
     assert _gone(third, within=10) and _stage(run)["status"] == "failed" and "KeyboardInterrupt" in _stage(run)["error"]
 
-    # 4. the rerun finishes; every record once, none torn
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    # 4. the rerun finishes; every record once, none torn. Run under a parent that reads its
+    # children's peak memory, as /usr/bin/time does: the stage's process is counted in it.
+    probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.stderr.write(r.stderr); sys.exit(r.returncode)")
+    res = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
+    assert int(res.stdout.split()[-1]) / 1024 >= 0.95 * _stage(run)["summary"]["peak_rss_mb"]
     ids = [json.loads(line)["id"] for line in (run / "baseline" / "responses.jsonl").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 12
     assert _stage(run)["status"] == "done"
