@@ -25,7 +25,7 @@ vocabulary, teacher first, on the response tokens only (prompt and padding maske
    included) vs 1.91 s encoding C every time (66x; identical logits to 2e-7). With SmolLM2's
    tokenizer C is ~1,450 tokens against ~100-200 of prompt and response, so expect a smaller
    factor, roughly the ratio of the token counts; not measured on the 135M model.
-4. Training: our own loop (AdamW, linear decay, gradient clipping at 1), full fine-tuning or LoRA
+4. Training: our own loop (AdamW, torch's fused kernel as the TRL stages use, linear decay, gradient clipping at 1), full fine-tuning or LoRA
    (peft, merged at save); float32 master weights, bf16 autocast where the hardware has it. A
    checkpoint (trainable weights, optimizer, loss curve) every `save_steps` and at the end, under
    `checkpoints/`; a rerun resumes from the newest one. The data order per epoch is a function of
@@ -118,7 +118,7 @@ def train(cfg: Config, student, teacher: Teacher, examples: list[Example], pad_i
 
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * per_epoch))
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.learning_rate, fused=True)  # benchmarks/bench_adamw.py
     state = load_checkpoint(ckpt_dir, fingerprint, student, optimizer) or {"step": 0, "curve": []}
     start, curve = state["step"], state["curve"]
     if start:
