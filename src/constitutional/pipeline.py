@@ -74,6 +74,19 @@ def locked(run_dir: RunDir):
         yield
 
 
+def is_skipped(name: str, module, cfg, run_dir: RunDir, force: bool) -> bool:
+    """Whether stage `name` already finished with this config and is not to run again (no
+    --force; a stage that always runs, e.g. the report, never is)."""
+    return not force and not getattr(module, "ALWAYS_RUN", False) and run_dir.is_done(name, config_hash(cfg))
+
+
+def skipped(name: str, run_dir: RunDir, say: bool = True) -> dict | None:
+    """A skipped stage: say so, and return the summary it left."""
+    if say:
+        print(f"[{name}] already done with this config, skipped (use --force to rerun)", file=sys.stderr)
+    return run_dir.stage_status(name).get("summary")
+
+
 def run_stage(name: str, module, cfg, run_dir: RunDir, force: bool) -> dict | None:
     """Run one stage unless it already finished with this config. Returns its summary.
 
@@ -82,14 +95,14 @@ def run_stage(name: str, module, cfg, run_dir: RunDir, force: bool) -> dict | No
     main, procs = distributed.is_main(), distributed.world_size()
 
     def begin() -> bool:
+        if is_skipped(name, module, cfg, run_dir, force):
+            return False
         if getattr(module, "ALWAYS_RUN", False):  # e.g. the report: its inputs are other stages' outputs
             run_dir.manifest["stages"].pop(name, None)
         return run_dir.begin(name, to_dict(cfg), config_hash(cfg), getattr(cfg, "seed", None), force=force)
 
     if not distributed.on_main(begin):
-        if main:
-            print(f"[{name}] already done with this config, skipped (use --force to rerun)", file=sys.stderr)
-        return run_dir.stage_status(name).get("summary")
+        return skipped(name, run_dir, say=main)
     start_mb = current_mb()
     reset_peak()
     try:
@@ -113,25 +126,23 @@ def run_stage(name: str, module, cfg, run_dir: RunDir, force: bool) -> dict | No
     return summary
 
 
-def run_fresh(name: str, cfg, run_dir: RunDir, force: bool) -> dict | None:
-    """`run_stage` in a process of its own (stage_process); this process keeps the lock and reloads
-    the manifest the stage wrote. A stage whose process ended before it could say so (killed,
-    interrupted early) is marked failed here."""
+def run_fresh(name: str, module, cfg, run_dir: RunDir, force: bool) -> dict | None:
+    """`run_stage` in a process of its own (stage_process); this process keeps the lock, decides
+    skips (no process for a stage that is skipped) and reloads the manifest the stage wrote. A stage
+    whose process ended before it could say so (killed, interrupted early) is marked failed here."""
     from .stage_process import StageFailed, run_in_process
 
-    module = stages.load(name)
-    if not getattr(module, "ALWAYS_RUN", False) and not force and run_dir.is_done(name, config_hash(cfg)):
-        print(f"[{name}] already done with this config, skipped (use --force to rerun)", file=sys.stderr)
-        return run_dir.stage_status(name).get("summary")  # no process for a stage that is skipped
+    if is_skipped(name, module, cfg, run_dir, force):
+        return skipped(name, run_dir)
     try:
-        return run_in_process(run_stage, name, cfg, str(run_dir.path), force)
+        summary = run_in_process(run_stage, name, cfg, str(run_dir.path), force)
     except BaseException as e:
         run_dir.reload()
         if run_dir.stage_status(name).get("status") == "running":  # its process ended before it could say so
             run_dir.fail(name, str(e) if isinstance(e, StageFailed) else f"{type(e).__name__}: {e}")
         raise
-    finally:
-        run_dir.reload()
+    run_dir.reload()
+    return summary
 
 
 def release_memory() -> None:
@@ -186,7 +197,7 @@ def _run_pipeline(data: dict, source: str, overrides: list[str], run_dir_arg: st
         try:
             for name, module, cfg in planned:
                 if pipe.fresh_process:
-                    run_fresh(name, cfg, run_dir, force)
+                    run_fresh(name, module, cfg, run_dir, force)
                 else:
                     run_stage(name, module, cfg, run_dir, force)
         finally:
