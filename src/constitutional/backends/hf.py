@@ -32,6 +32,8 @@ import torch
 from ..errors import UserError
 from .base import Completion, Conversation, GenerationParams, Request, as_messages, cut_at_stop, render_messages, run_waves
 from .hf_cache import PrefixCache, default_token_budget
+from .hf_cascade import MIN_PREFIX as CASCADE_MIN_PREFIX
+from .hf_cascade import supported as cascade_supported
 from .hf_sampling import Sampling
 from .hf_score import Scoring
 from .hf_static import StaticDecode, static_cache_supported, static_options
@@ -146,6 +148,9 @@ class HFBackend(PrefixCache, Sampling, StaticDecode, Scoring):
         self._prefix_kv: OrderedDict[tuple, object] = OrderedDict()
         self.stats = {"prefill_tokens": 0, "prefix_tokens_reused": 0, "generated_tokens": 0, "decode_steps": 0, "decode_rows": 0}
         self.token_budget = self._token_budget or default_token_budget(self.model.config, self.dtype, self.device)
+        # the shared prefix's KV cache read once by all rows that share it (hf_cascade), where the model allows
+        self.cascade_ok = self.prefix_cache and cascade_supported(self.model)
+        self.cascade_min_prefix = CASCADE_MIN_PREFIX
         # static cache + compiled decode (see the module docstring); "auto" means on with CUDA
         supported = static_cache_supported(self.model.config)
         if static == "on" and not supported:

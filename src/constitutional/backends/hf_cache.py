@@ -125,23 +125,33 @@ class PrefixCache:
         cache.batch_repeat_interleave(batch)
         return cache
 
+    def _cascades(self, prefix: tuple[int, ...]) -> bool:
+        """Whether rows after `prefix` read it from its own cache (`hf_cascade`) rather than a copy."""
+        return self.cascade_ok and len(prefix) >= self.cascade_min_prefix
+
     def _masked_forward(self, prefix: tuple[int, ...], input_ids, allowed, position_ids, use_cache: bool, **kwargs):
         """Forward `input_ids` (B, T) after the cached `prefix` with a custom attention pattern.
 
-        allowed: (B, T, P + T) bool, True where a query may attend to a key; it becomes the
-        additive 4D mask (0 / dtype-min) that transformers passes to attention as given.
+        allowed: (B, T, P + T) bool, True where a query may attend to a key. With cascade attention
+        (`hf_cascade`; `_cascades`: a model that allows it, a long enough prefix) the prefix's cache
+        is read once for all rows and the cache returned holds the rows' own T tokens only; otherwise the prefix cache is copied per row, the
+        pattern becomes the additive 4D mask (0 / dtype-min) that transformers passes to attention as
+        given, and the cache returned holds P + T tokens per row.
         """
-        B = input_ids.shape[0]
+        B, P = input_ids.shape[0], len(prefix)
+        args = dict(input_ids=input_ids.to(self.device), position_ids=position_ids.to(self.device), use_cache=use_cache, **kwargs)
+        if self._cascades(prefix):
+            from transformers import DynamicCache
+
+            from .hf_cascade import Group, cascade
+
+            self.stats["prefix_tokens_reused"] += P * B
+            own = allowed[:, :, P:].to(self.device)
+            with cascade(self.model, [Group(None, self._prefix_cache(prefix))], own):
+                return self.model(attention_mask=additive_mask(allowed[:, :, P:], self.dtype).to(self.device),
+                                  cache=DynamicCache(config=self.model.config) if use_cache else None, **args)
         mask = additive_mask(allowed, self.dtype)
-        cache = self._batch_cache(prefix, B)
-        return self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=position_ids.to(self.device),
-            cache=cache,
-            use_cache=use_cache,
-            **kwargs,
-        )
+        return self.model(attention_mask=mask.to(self.device), cache=self._batch_cache(prefix, B), **args)
 
     def _prefix_for(self, ids: Sequence[int], pool: Sequence[Sequence[int]]) -> tuple[int, ...]:
         """The shared prefix a prompt is prefilled after: the longest cached prefix it starts with, or a

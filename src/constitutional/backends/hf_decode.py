@@ -18,8 +18,11 @@ the front when they grow to a quarter of the cache.
 
 A new row's prompt is prefilled with the longest shared prefix whose KV cache the backend already
 holds (the few-shot block of critique, revision and label prompts), or with a new shared prefix
-when the rows waiting beside it share a longer one; see `HFBackend._prefix_for`. Memory: the
-batch is sized by a token budget (`token_budget` rows x columns of KV), not a fixed count.
+when the rows waiting beside it share a longer one; see `HFBackend._prefix_for`. Where the model
+allows it (`hf_cascade.supported`), the prefix's KV cache is not copied into the rows: a row holds
+its own tokens only, and every decode step reads the prefix once for all rows that share it
+(`hf_cascade`); otherwise each row holds its copy. Memory: the batch is sized by a token budget
+(`token_budget` rows x columns of KV), not a fixed count.
 
 Each row samples with its own generator seeded from (seed, prompt, sample index): the same seed
 gives the same samples whatever else is in the batch and in whatever order rows come and go.
@@ -27,6 +30,7 @@ gives the same samples whatever else is in the batch and in whatever order rows 
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -36,6 +40,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from ..memory import trim
 from .base import GenerationParams, Request
 from .hf_cache import kv_shape, prefill_layout
+from .hf_cascade import Group, cascade
 from .hf_sampling import penalise_repeats, row_seed
 
 
@@ -138,6 +143,7 @@ class _Row:
     out: list[int] = field(default_factory=list)
     ended: bool = False  # stopped by eos or a stop string
     pos: int = 0  # position id of the next token to feed
+    prefix: tuple[int, ...] = ()  # the shared prefix it attends to from the prefix's own cache (cascade), else ()
 
 
 class ContinuousDecoder:
@@ -150,6 +156,7 @@ class ContinuousDecoder:
         self.prefill_tokens = max(64, int(prefill_tokens))  # suffix tokens per prefill forward
         self.store = _Store(*kv_shape(backend.model.config), backend.dtype, backend.device)
         self.cache = SlotCache(self.store)
+        self.prefixes: dict[tuple, object] = {}  # shared prefix -> its KV cache, while live rows read it (cascade)
 
     # ------------------------------------------------------------ queue
     @torch.no_grad()
@@ -160,6 +167,7 @@ class ContinuousDecoder:
         self.waiting: deque[_Row] = deque()
         self.left: dict[int, list] = {}  # id(request) -> [results by sample, samples left]
         self.on_done = on_done
+        self.prefixes = {}
         self.active: list[_Row] = []  # rows in slot order
         self.logits = None  # (B, vocab) float32: the next token's logits of every live row
         self.submitted = 0
@@ -225,18 +233,33 @@ class ContinuousDecoder:
         s.reserve(s.B, s.n + 1)
         s.mask[: s.B, s.n] = True
         pos = torch.tensor([r.pos for r in self.active])[:, None]
-        out = b.model(
-            input_ids=tokens[:, None].to(b.device),
-            attention_mask=s.mask[: s.B, : s.n + 1].long().to(b.device),
-            position_ids=pos.to(b.device),
-            cache=self.cache,
-            use_cache=True,
-        )
+        mask = s.mask[: s.B, : s.n + 1]
+        with self._attention(mask):
+            out = b.model(
+                input_ids=tokens[:, None].to(b.device),
+                attention_mask=mask.long().to(b.device),
+                position_ids=pos.to(b.device),
+                cache=self.cache,
+                use_cache=True,
+            )
         s.n += 1
         for r in self.active:
             r.pos += 1
         self.logits = out.logits[:, -1, :].float()
         self._trim()
+
+    def _attention(self, mask: torch.Tensor):
+        """The decode step's attention: cascade (`hf_cascade`) when some live row reads a shared
+        prefix from the prefix's own cache, transformers' own otherwise."""
+        groups: dict[tuple, list[int]] = {}
+        for k, r in enumerate(self.active):
+            if r.prefix:
+                groups.setdefault(r.prefix, []).append(k)
+        if not groups:
+            return contextlib.nullcontext()
+        B = len(self.active)
+        parts = [Group(None if len(ks) == B else torch.tensor(ks, dtype=torch.long), self.prefixes[p]) for p, ks in groups.items()]
+        return cascade(self.b.model, parts, mask[:, None, :].to(self.b.device))
 
     def _remove(self, done: list[int]) -> list[int]:
         """Drop finished rows (positions in `active`, ascending): the last live rows move into their
@@ -253,6 +276,9 @@ class ContinuousDecoder:
         self.active = [self.active[k] for k in perm]
         self.logits = self.logits[torch.tensor(perm, dtype=torch.long, device=self.logits.device)]
         s.B = m
+        live = {r.prefix for r in self.active}
+        for p in [p for p in self.prefixes if p not in live]:
+            del self.prefixes[p]  # the backend's LRU may still hold it
         for row in finished:
             self._finish(row)
         return perm
@@ -284,29 +310,32 @@ class ContinuousDecoder:
     # ------------------------------------------------------------ admission
     def _admit(self) -> None:
         """Move waiting rows into the batch while the token budget and `max_rows` allow; prefill them
-        in groups that share a cached prefix."""
+        in groups that share a cached prefix. A row counts the columns it takes in the batch: its
+        whole prompt, or with cascade attention its prompt after the shared prefix (the prefix's
+        cache is held once, outside the batch)."""
         s = self.store
         rem = max((r.max_new - len(r.out) for r in self.active), default=0)
         width = s.n
-        taken: list[_Row] = []
+        pool = [r.ids for r in list(self.waiting)[:24]]
+        taken: list[tuple[_Row, tuple]] = []
         while self.waiting and s.B + len(taken) < self.max_rows:
             row = self.waiting[0]
-            w = max(width, len(row.ids))
+            prefix = self.b._prefix_for(row.ids, pool)
+            w = max(width, len(row.ids) - (len(prefix) if self.b._cascades(prefix) else 0))
             need = (s.B + len(taken) + 1) * (w + max(rem, row.max_new))
             if taken and need > self.token_budget:
                 break
             if not taken and s.B and need > self.token_budget:
                 break
-            taken.append(self.waiting.popleft())
+            taken.append((self.waiting.popleft(), prefix))
             width, rem = w, max(rem, row.max_new)
-            if sum(len(r.ids) for r in taken) >= self.prefill_tokens:
+            if sum(len(r.ids) - len(p) for r, p in taken) >= self.prefill_tokens:
                 break
         if not taken:
             return
         groups: dict[tuple, list[_Row]] = {}
-        pool = [r.ids for r in taken[:16]] + [r.ids for r in list(self.waiting)[:8]]
-        for row in taken:
-            groups.setdefault(self.b._prefix_for(row.ids, pool), []).append(row)
+        for row, prefix in taken:
+            groups.setdefault(prefix, []).append(row)
         for prefix, rows in groups.items():
             self._prefill(prefix, rows)
 
@@ -319,7 +348,11 @@ class ContinuousDecoder:
         input_ids, valid, pos, allowed = prefill_layout(suffixes, P, P + L, b.pad_id)
         out = b._masked_forward(prefix, input_ids, allowed, pos[:, P:], use_cache=True, logits_to_keep=1)
         b.stats["prefill_tokens"] += int(sum(len(x) for x in suffixes))
-        width = P + L
+        shared = b._cascades(prefix)  # the rows keep their own tokens; the prefix stays in its own cache
+        lo_col = P if shared else 0
+        width = P + L - lo_col
+        if shared:
+            self.prefixes[prefix] = b._prefix_cache(prefix)
         if s.B == 0:  # an empty batch starts over at column 0
             s.n = 0
         if width > s.n:
@@ -330,11 +363,12 @@ class ContinuousDecoder:
             s.k[i][lo:hi, :, s.n - width : s.n] = layer.keys
             s.v[i][lo:hi, :, s.n - width : s.n] = layer.values
         s.mask[lo:hi, :] = False
-        s.mask[lo:hi, s.n - width : s.n] = valid[:, :width]
+        s.mask[lo:hi, s.n - width : s.n] = valid[:, lo_col : P + L]
         s.B = hi
         for r, p in zip(rows, pos[:, -1].tolist()):
             r.pos = p + 1
             r.gen = torch.Generator().manual_seed(r.seed)
+            r.prefix = prefix if shared else ()
         self.active += rows
         first = out.logits[:, -1, :].float()
         self.logits = first if self.logits is None or not len(self.logits) else torch.cat([self.logits, first])
