@@ -150,3 +150,69 @@ def test_cascade_restores_the_attention_function(tiny_backend):
             assert ALL_ATTENTION_FUNCTIONS[name] is hf_cascade.cascade_attention
             raise RuntimeError
     assert ALL_ATTENTION_FUNCTIONS.get(name) is before
+
+
+@pytest.mark.parametrize("convs", [LONG, LONG[:1]], ids=["after a shared prefix", "alone: no shared prefix"])
+def test_finished_prompts_are_kept_for_the_requests_that_extend_or_repeat_them(tiny_model_dir, monkeypatch, convs):
+    """As revise runs: a critique's answer is followed by a revision request that extends its prompt,
+    and a failed revision by a retry of the same prompt. Keeping the finished prompts' KV computes
+    fewer prefill tokens and gives the same tokens as prefilling every prompt in full."""
+    from constitutional.backends.base import Request, run_queue
+    from constitutional.backends.hf_decode import ContinuousDecoder
+
+    greedy = GenerationParams(max_new_tokens=6, temperature=0)
+
+    def chains(b):
+        out = {}
+
+        def on_done(req, texts):
+            i, step = req.key
+            out[(i, step)] = str(texts[0])
+            if step == 0:  # the "revision": the conversation, its answer, a new request
+                return [Request(req.conversation + [{"role": "assistant", "content": str(texts[0])},
+                                                    {"role": "user", "content": "Now rewrite it."}], greedy, key=(i, 1))]
+            if step == 1:  # the "retry": the same prompt again
+                return [Request(req.conversation, greedy, key=(i, 2))]
+            return []
+
+        run_queue(b, [Request(c, greedy, key=(i, 0)) for i, c in enumerate(convs)], on_done)
+        return out
+
+    keep, _ = _pair(tiny_model_dir, max_rows=3)
+    full, _ = _pair(tiny_model_dir, max_rows=3)
+    got = chains(keep)
+    monkeypatch.setattr(ContinuousDecoder, "_keep_prompt", lambda self, slot, row: None)
+    ref = chains(full)
+    assert got == ref
+    assert keep.stats["prompts_kept"] >= len(convs)
+    assert keep.stats["prefill_tokens"] < full.stats["prefill_tokens"]
+    for i in range(len(convs)):
+        assert got[(i, 1)] == got[(i, 2)]  # a retry of a greedy request repeats it
+
+
+def test_kept_prefixes_stay_within_their_token_budget(tiny_backend):
+    b = tiny_backend
+    before = b.prefix_cache_tokens
+    try:
+        b.prefix_cache_tokens = 10
+        b._prefix_kv.clear()
+        for n in (4, 5):
+            b._remember(tuple(range(n)), object())
+        assert list(b._prefix_kv) == [tuple(range(4)), tuple(range(5))]  # 9 tokens fit
+        b._remember((7,), object())
+        b._remember(tuple(range(4)), b._prefix_kv[tuple(range(4))])  # used again: now the most recent
+        b._remember(tuple(range(6)), object())  # 16 tokens: the least recently used go until 10 fit
+        assert list(b._prefix_kv) == [tuple(range(4)), tuple(range(6))]
+        b._remember(tuple(range(50)), object())
+        assert list(b._prefix_kv) == [tuple(range(50))]  # one always stays
+    finally:
+        b.prefix_cache_tokens = before
+        b._prefix_kv.clear()
+
+
+def test_kept_prompts_go_when_the_schedule_ends(tiny_model_dir):
+    b, _ = _pair(tiny_model_dir)
+    b.generate_ids(LONG, GenerationParams(max_new_tokens=3, temperature=0))
+    assert b.stats["prompts_kept"] >= len(LONG)
+    longest = max(len(p) for p in b._prefix_kv)
+    assert longest < min(len(b._encode_chat(c)) for c in LONG) - 1  # the shared prefixes stay, the prompts went

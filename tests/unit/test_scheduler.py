@@ -10,7 +10,7 @@ import torch
 
 from constitutional.backends.base import GenerationParams, Request, run_queue, run_waves
 from constitutional.backends.hf import HFBackend
-from constitutional.backends.hf_decode import _Store
+from constitutional.backends.hf_slots import _Store
 
 from test_backend_hf import CONVS, hf_greedy
 

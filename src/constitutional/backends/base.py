@@ -127,7 +127,8 @@ def run_queues(work: Iterable[tuple], on_done: Callable) -> None:
 
 def generation_meter(*backends) -> Callable[[], dict]:
     """Starts a clock on the backends' generation counters; the returned function gives what they
-    generated since: tokens, seconds, tokens/s and the mean rows per decode step (hf backend)."""
+    generated since: tokens, seconds, tokens/s, and the mean rows per decode step and the prompt
+    tokens prefilled (hf backend)."""
     import time
 
     def stats_of(b) -> dict:
@@ -137,7 +138,7 @@ def generation_meter(*backends) -> Callable[[], dict]:
     start, t0 = [stats_of(b) for b in uniq], time.perf_counter()
 
     def read() -> dict:
-        delta = {k: 0 for k in ("generated_tokens", "decode_steps", "decode_rows")}
+        delta = {k: 0 for k in ("generated_tokens", "decode_steps", "decode_rows", "prefill_tokens")}
         for b, s0 in zip(uniq, start):
             now = stats_of(b)
             for k in delta:
@@ -148,6 +149,8 @@ def generation_meter(*backends) -> Callable[[], dict]:
             "generation_seconds": round(seconds, 1),
             "tokens_per_s": round(delta["generated_tokens"] / seconds, 1) if delta["generated_tokens"] and seconds else None,
             "mean_batch_rows": round(delta["decode_rows"] / delta["decode_steps"], 1) if delta["decode_steps"] else None,
+            # prompt tokens run through the model (shared prefixes and kept prompts not counted again)
+            "prefill_tokens": delta["prefill_tokens"] if delta["decode_steps"] else None,
         }
 
     return read

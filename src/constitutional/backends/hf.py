@@ -31,7 +31,7 @@ import torch
 
 from ..errors import UserError
 from .base import Completion, Conversation, GenerationParams, Request, as_messages, cut_at_stop, render_messages, run_waves
-from .hf_cache import PrefixCache, default_token_budget
+from .hf_cache import PrefixCache, default_token_budget, prefix_cache_tokens
 from .hf_cascade import MIN_PREFIX as CASCADE_MIN_PREFIX
 from .hf_cascade import supported as cascade_supported
 from .hf_sampling import Sampling
@@ -146,11 +146,12 @@ class HFBackend(PrefixCache, Sampling, StaticDecode, Scoring):
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids), 0))
         self._prefix_kv: OrderedDict[tuple, object] = OrderedDict()
-        self.stats = {"prefill_tokens": 0, "prefix_tokens_reused": 0, "generated_tokens": 0, "decode_steps": 0, "decode_rows": 0}
+        self.stats = {"prefill_tokens": 0, "prefix_tokens_reused": 0, "generated_tokens": 0, "decode_steps": 0, "decode_rows": 0, "prompts_kept": 0}
         self.token_budget = self._token_budget or default_token_budget(self.model.config, self.dtype, self.device)
         # the shared prefix's KV cache read once by all rows that share it (hf_cascade), where the model allows
         self.cascade_ok = self.prefix_cache and cascade_supported(self.model)
         self.cascade_min_prefix = CASCADE_MIN_PREFIX
+        self.prefix_cache_tokens = prefix_cache_tokens(self.model.config, self.dtype)
         # static cache + compiled decode (see the module docstring); "auto" means on with CUDA
         supported = static_cache_supported(self.model.config)
         if static == "on" and not supported:

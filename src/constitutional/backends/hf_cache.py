@@ -2,9 +2,11 @@
 
 Every critique, revision and label prompt starts with the same few-shot block, and on a CPU its
 prefill costs more than decoding. The backend encodes the longest token prefix that prompts share
-once and keeps its KV cache (a small LRU); a new row is prefilled as `[shared prefix][left
-padding][own suffix]`, with explicit position ids so the padding in the middle is invisible to the
-model (`prefill_layout`, `additive_mask`). `PrefixCache` is the part of `HFBackend` that holds and
+once and keeps its KV cache (an LRU of 512 MB of KV), and a finished long prompt's too, which a
+later one may extend (`hf_decode`: a revision request extends its critique's prompt, a retry
+repeats one). A new row is prefilled as `[shared prefix][left padding][own suffix]`, with explicit
+position ids so the padding in the middle is invisible to the model (`prefill_layout`,
+`additive_mask`). `PrefixCache` is the part of `HFBackend` that holds and
 uses those caches; the functions here are pure tensor layout.
 """
 
@@ -78,6 +80,14 @@ def kv_bytes_per_token(config, dtype) -> int:
     return 2 * layers * heads * head_dim * torch.finfo(dtype).bits // 8
 
 
+PREFIX_CACHE_MB = 512  # KV of kept prefixes (few-shot blocks, finished prompts a later one extends)
+
+
+def prefix_cache_tokens(config, dtype) -> int:
+    """Tokens of prefix KV the backend keeps (`PREFIX_CACHE_MB`; 4,096 at least)."""
+    return max(4096, int(PREFIX_CACHE_MB * 2**20 // kv_bytes_per_token(config, dtype)))
+
+
 def default_token_budget(config, dtype, device) -> int:
     """KV tokens (rows x columns) the running batch may hold: 1 GiB of KV on a CPU (what keeps a
     whole run within a few GB), half the free memory on a GPU; CAI_KV_MEMORY_MB sets the bytes."""
@@ -92,8 +102,8 @@ def default_token_budget(config, dtype, device) -> int:
 
 
 class PrefixCache:
-    """`HFBackend`'s shared-prefix KV caches (`self._prefix_kv`, an LRU of at most 4) and the masked
-    forward after one."""
+    """`HFBackend`'s shared-prefix KV caches (`self._prefix_kv`, an LRU of at most
+    `prefix_cache_tokens` tokens in all) and the masked forward after one."""
 
     def _split_prefix(self, seqs: Sequence[Sequence[int]]) -> int:
         """How many leading tokens all `seqs` share and will be encoded once (0 when not worth it)."""
@@ -112,10 +122,16 @@ class PrefixCache:
         ids = torch.tensor([prefix], device=self.device)
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         self.stats["prefill_tokens"] += len(prefix)
-        self._prefix_kv[prefix] = out.cache
-        while len(self._prefix_kv) > 4:
-            self._prefix_kv.popitem(last=False)
+        self._remember(prefix, out.cache)
         return out.cache
+
+    def _remember(self, prefix: tuple[int, ...], cache) -> None:
+        """Keep `cache` (the KV of `prefix`, batch 1) as a prefix later prompts may start with; the
+        least recently used ones go once the kept tokens pass `prefix_cache_tokens` (one always stays)."""
+        self._prefix_kv[prefix] = cache
+        self._prefix_kv.move_to_end(prefix)
+        while len(self._prefix_kv) > 1 and sum(len(p) for p in self._prefix_kv) > self.prefix_cache_tokens:
+            self._prefix_kv.popitem(last=False)
 
     def _batch_cache(self, prefix: tuple[int, ...], batch: int):
         if not prefix:

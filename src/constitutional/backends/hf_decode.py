@@ -8,8 +8,8 @@ while rows of different lengths finish at different times; the requests that `on
 requests finish and are written out steadily.
 
 The KV cache of the running batch lives in preallocated buffers, one (rows, heads, columns, dim)
-pair per layer, behind transformers' `Cache` interface (`SlotCache`): a decode step writes one
-column for every row (no copy of the whole cache per step, as a `DynamicCache`'s `torch.cat`
+pair per layer, behind transformers' `Cache` interface (`hf_slots.SlotCache`): a decode step
+writes one column for every row (no copy of the whole cache per step, as a `DynamicCache`'s `torch.cat`
 does), a finished row is replaced by the last one (a copy of one row), and a new row is written
 right-aligned at the current column: row r is `[dead columns][its prompt][its generated tokens]`,
 its positions counted from its first real token, so the dead columns are invisible (attention
@@ -21,8 +21,10 @@ holds (the few-shot block of critique, revision and label prompts), or with a ne
 when the rows waiting beside it share a longer one; see `HFBackend._prefix_for`. Where the model
 allows it (`hf_cascade.supported`), the prefix's KV cache is not copied into the rows: a row holds
 its own tokens only, and every decode step reads the prefix once for all rows that share it
-(`hf_cascade`); otherwise each row holds its copy. Memory: the batch is sized by a token budget
-(`token_budget` rows x columns of KV), not a fixed count.
+(`hf_cascade`); otherwise each row holds its copy. A finished row's prompt of `cascade_min_prefix`+
+tokens is kept as one more prefix until the call ends (`_keep_prompt`): revise's revision request
+starts with its critique's prompt, a retry is the same prompt again. Memory: the batch is sized by a
+token budget (`token_budget` rows x columns of KV), not a fixed count.
 
 Each row samples with its own generator seeded from (seed, prompt, sample index): the same seed
 gives the same samples whatever else is in the batch and in whatever order rows come and go.
@@ -35,99 +37,17 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
 from ..memory import trim
 from .base import GenerationParams, Request
 from .hf_cache import kv_shape, prefill_layout
 from .hf_cascade import Group, cascade
 from .hf_sampling import penalise_repeats, row_seed
+from .hf_slots import SlotCache, _Store
 
 
 TRIM_EVERY = 16  # decode steps between handing freed heap pages back to the OS (`memory.trim`)
-
-
-class _Store:
-    """The batch's KV buffers and layout, shared by the `SlotCache` layers."""
-
-    def __init__(self, n_layers: int, heads: int, head_dim: int, dtype, device):
-        self.n_layers, self.heads, self.head_dim, self.dtype, self.device = n_layers, heads, head_dim, dtype, device
-        self.rows_cap = self.cols_cap = 0
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
-        self.B = 0  # live rows: slots [0, B)
-        self.n = 0  # columns in use: [0, n); the next decode step writes column n
-        self.mask = torch.zeros((0, 0), dtype=torch.bool)  # (rows_cap, cols_cap): which columns each row may attend to
-
-    def reserve(self, rows: int, cols: int) -> None:
-        """Grow the buffers (amortised: rows double, columns by 256) so that `rows` x `cols` fit."""
-        if rows <= self.rows_cap and cols <= self.cols_cap:
-            return
-        R = max(rows, self.rows_cap) if rows <= self.rows_cap else max(rows, 2 * self.rows_cap, 4)
-        C = max(cols, self.cols_cap) if cols <= self.cols_cap else -(-(cols + 128) // 256) * 256
-        shape = (R, self.heads, C, self.head_dim)
-        for i in range(self.n_layers):
-            for buf in (self.k, self.v):
-                new = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                if i < len(buf):
-                    if self.B:
-                        new[: self.B, :, : self.n] = buf[i][: self.B, :, : self.n]
-                    buf[i] = new
-                else:
-                    buf.append(new)
-        mask = torch.zeros((R, C), dtype=torch.bool)
-        if self.B:
-            mask[: self.B, : self.n] = self.mask[: self.B, : self.n]
-        self.mask, self.rows_cap, self.cols_cap = mask, R, C
-
-    def shift(self, delta: int) -> None:
-        """Move every live row `delta` columns right (delta > 0: room in front for a longer prompt) or
-        left (delta < 0: drop dead front columns)."""
-        if delta == 0 or self.B == 0:
-            self.n = max(0, self.n + delta)
-            return
-        if delta > 0:
-            self.reserve(self.B, self.n + delta + 1)
-        lo = max(0, -delta)
-        for buf in (*self.k, *self.v):
-            part = buf[: self.B, :, lo : self.n].clone()
-            buf[: self.B, :, lo + delta : self.n + delta] = part
-        part = self.mask[: self.B, lo : self.n].clone()
-        self.mask[: self.B, :] = False
-        self.mask[: self.B, lo + delta : self.n + delta] = part
-        self.n += delta
-
-    def move_row(self, src: int, dst: int) -> None:
-        for buf in (*self.k, *self.v):
-            buf[dst, :, : self.n] = buf[src, :, : self.n]
-        self.mask[dst, : self.n] = self.mask[src, : self.n]
-
-
-class _SlotLayer(DynamicLayer):
-    """One layer's view of the `_Store`: a decode step writes column `n` of the live rows and attends
-    to columns [0, n]."""
-
-    def __init__(self, store: _Store, idx: int):
-        super().__init__()
-        self.store, self.idx = store, idx
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        s, t = self.store, key_states.shape[-2]
-        k, v = s.k[self.idx], s.v[self.idx]
-        k[: s.B, :, s.n : s.n + t] = key_states
-        v[: s.B, :, s.n : s.n + t] = value_states
-        return k[: s.B, :, : s.n + t], v[: s.B, :, : s.n + t]
-
-    def get_seq_length(self) -> int:
-        return self.store.n
-
-
-class SlotCache(Cache):
-    """transformers' `Cache` interface over a `_Store` (the running batch's KV buffers)."""
-
-    def __init__(self, store: _Store):
-        super().__init__(layers=[_SlotLayer(store, i) for i in range(store.n_layers)])
 
 
 @dataclass
@@ -144,6 +64,7 @@ class _Row:
     ended: bool = False  # stopped by eos or a stop string
     pos: int = 0  # position id of the next token to feed
     prefix: tuple[int, ...] = ()  # the shared prefix it attends to from the prefix's own cache (cascade), else ()
+    col: int = -1  # with a cascade prefix or none: the store column of its first own prompt token
 
 
 class ContinuousDecoder:
@@ -172,15 +93,23 @@ class ContinuousDecoder:
         self.logits = None  # (B, vocab) float32: the next token's logits of every live row
         self.submitted = 0
         self._submit(list(requests), front=False)
+        self.kept: list[tuple] = []  # prompts `_keep_prompt` added to the backend's prefix caches
         steps = 0
-        while self.waiting or self.active:
-            if self.active:
-                self._decode_step()
-                steps += 1
-                if steps % TRIM_EVERY == 0:
-                    trim()
-            if self.waiting:
-                self._admit()
+        try:
+            while self.waiting or self.active:
+                if self.active:
+                    self._decode_step()
+                    steps += 1
+                    if steps % TRIM_EVERY == 0:
+                        trim()
+                if self.waiting:
+                    self._admit()
+        finally:
+            # a kept prompt serves the requests of this call (a chain's next step, a retry); a stage
+            # that goes on to train beside the backend (distill) must not hold them
+            for key in self.kept:
+                self.b._prefix_kv.pop(key, None)
+            self.prefixes = {}
         trim()
 
     def _submit(self, requests: list[Request], front: bool) -> None:
@@ -261,11 +190,48 @@ class ContinuousDecoder:
         parts = [Group(None if len(ks) == B else torch.tensor(ks, dtype=torch.long), self.prefixes[p]) for p, ks in groups.items()]
         return cascade(self.b.model, parts, mask[:, None, :].to(self.b.device))
 
+    def _shift(self, delta: int) -> None:
+        self.store.shift(delta)
+        for r in self.active:
+            if r.col >= 0:
+                r.col += delta
+
+    def _keep_prompt(self, slot: int, row: _Row) -> None:
+        """Keep a finished row's prompt KV (but its last token: a prompt keeps one of its own) as a
+        prefix the backend may reuse: a revision request starts with its critique request's prompt,
+        and a retry is the same prompt again. Long prompts only (`cascade_min_prefix`), read from the
+        row's prefix cache and its own columns."""
+        b, s = self.b, self.store
+        n = len(row.ids) - 1
+        if row.col < 0 or n < b.cascade_min_prefix or not b.cascade_ok or not b.prefix_cache:
+            return
+        key = tuple(row.ids[:n])
+        if key in b._prefix_kv:
+            return
+        own = n - len(row.prefix)
+        base = self.prefixes.get(row.prefix) if row.prefix else None
+        if row.prefix and base is None:
+            return
+        cache = DynamicCache()
+        for i in range(s.n_layers):
+            k = s.k[i][slot : slot + 1, :, row.col : row.col + own]
+            v = s.v[i][slot : slot + 1, :, row.col : row.col + own]
+            if base is not None:
+                k, v = torch.cat([base.layers[i].keys, k], 2), torch.cat([base.layers[i].values, v], 2)
+            else:  # a view of the batch's buffers, which later rows overwrite
+                k, v = k.clone(), v.clone()
+            cache.update(k, v, i)
+        b._remember(key, cache)
+        self.kept.append(key)
+        b.stats["prompts_kept"] += 1
+
     def _remove(self, done: list[int]) -> list[int]:
         """Drop finished rows (positions in `active`, ascending): the last live rows move into their
         slots (one row copied per hole). Returns the old positions of the rows now in slots 0..B-1."""
         s = self.store
         finished = [self.active[k] for k in done]
+        for k, row in zip(done, finished):
+            self._keep_prompt(k, row)
         gone = set(done)
         m = len(self.active) - len(done)
         perm = list(range(m))
@@ -288,7 +254,7 @@ class ContinuousDecoder:
         live = s.mask[: s.B, : s.n].any(0)
         first = int(live.float().argmax()) if bool(live.any()) else s.n
         if first >= 64 and first * 4 >= s.n:
-            s.shift(-first)
+            self._shift(-first)
 
     def _sample(self) -> torch.Tensor:
         """One token per live row; rows are sampled in groups that share sampling settings."""
@@ -356,7 +322,7 @@ class ContinuousDecoder:
         if s.B == 0:  # an empty batch starts over at column 0
             s.n = 0
         if width > s.n:
-            s.shift(width - s.n)
+            self._shift(width - s.n)
         s.reserve(s.B + len(rows), s.n + 1)
         lo, hi = s.B, s.B + len(rows)
         for i, layer in enumerate(out.cache.layers):
@@ -365,10 +331,11 @@ class ContinuousDecoder:
         s.mask[lo:hi, :] = False
         s.mask[lo:hi, s.n - width : s.n] = valid[:, lo_col : P + L]
         s.B = hi
-        for r, p in zip(rows, pos[:, -1].tolist()):
+        for r, p, own in zip(rows, pos[:, -1].tolist(), suffixes):
             r.pos = p + 1
             r.gen = torch.Generator().manual_seed(r.seed)
             r.prefix = prefix if shared else ()
+            r.col = s.n - len(own) if shared or not prefix else -1
         self.active += rows
         first = out.logits[:, -1, :].float()
         self.logits = first if self.logits is None or not len(self.logits) else torch.cat([self.logits, first])
