@@ -52,7 +52,7 @@ def test_cascade_attention_matches_sdpa_over_the_copied_prefix(kernel):
     own[:, :, -1] = True  # every query sees one own key at least (as the backend's layouts ensure)
     rows = {"a": [0, 3], "b": [1]}  # rows 2 and 4 read no prefix
     groups = [Group(torch.tensor(r), _prefix_cache(pk[n], pv[n])) for n, r in rows.items()]
-    hf_cascade._local.state = (groups, own)
+    hf_cascade._local.state = (groups, own, {})
     try:
         got, _ = cascade_attention(_Layer(0), q, k, v, None, scaling=0.3)
     finally:
@@ -75,7 +75,7 @@ def test_cascade_attention_with_every_row_in_one_group(kernel):
     q, k, v = torch.randn(B, H, T, d), torch.randn(B, Hkv, S, d), torch.randn(B, Hkv, S, d)
     pk, pv = torch.randn(1, Hkv, P, d), torch.randn(1, Hkv, P, d)
     own = torch.ones(B, T, S, dtype=torch.bool)
-    hf_cascade._local.state = ([Group(None, _prefix_cache(pk, pv))], own)
+    hf_cascade._local.state = ([Group(None, _prefix_cache(pk, pv))], own, {})
     try:
         got, _ = cascade_attention(_Layer(0), q, k, v, None)
     finally:

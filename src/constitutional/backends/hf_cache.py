@@ -150,9 +150,10 @@ class PrefixCache:
 
         allowed: (B, T, P + T) bool, True where a query may attend to a key. With cascade attention
         (`hf_cascade`; `_cascades`: a model that allows it, a long enough prefix) the prefix's cache
-        is read once for all rows and the cache returned holds the rows' own T tokens only; otherwise the prefix cache is copied per row, the
-        pattern becomes the additive 4D mask (0 / dtype-min) that transformers passes to attention as
-        given, and the cache returned holds P + T tokens per row.
+        is read once for all rows and the cache returned holds the rows' own T tokens only;
+        otherwise the prefix cache is copied per row, the pattern becomes the additive 4D mask
+        (0 / dtype-min) that transformers passes to attention as given, and the cache returned
+        holds P + T tokens per row.
         """
         B, P = input_ids.shape[0], len(prefix)
         args = dict(input_ids=input_ids.to(self.device), position_ids=position_ids.to(self.device), use_cache=use_cache, **kwargs)

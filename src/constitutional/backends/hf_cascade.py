@@ -70,7 +70,7 @@ def cascade(model, groups: list[Group], own_mask: torch.Tensor):
     local = ALL_ATTENTION_FUNCTIONS._local_mapping  # an instance override, as `ALL_ATTENTION_FUNCTIONS[name] = f` makes
     name = model.config._attn_implementation
     before = local.get(name, _MISSING)
-    _local.state = (groups, own_mask)
+    _local.state = (groups, own_mask, {})  # the last: own-key masks as attention takes them, built once per forward
     local[name] = cascade_attention
     try:
         yield
@@ -102,15 +102,18 @@ def cascade_attention(module, query, key, value, attention_mask, dropout: float 
     own tokens; returns ((B, T, H, d), None). The mask transformers built is not used: the own-key
     mask and the prefix groups come from the open `cascade`. Each part (prefix, own keys) is attended
     on its own and the two are joined by their log-sum-exps: the softmax over all keys, exactly."""
-    groups, own_mask = _local.state
+    groups, own_mask, masks = _local.state
     B, H, T, d = query.shape
     Hkv, S = key.shape[1], key.shape[2]
     g = H // Hkv
     scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
     # heads h = kv * g + j share kv head `kv` (transformers' repeat_kv): fold (g, T) into one query axis
     q = query.reshape(B, Hkv, g * T, d)
-    visible = own_mask[:, None, None, :, :S].expand(B, 1, g, T, S).reshape(B, 1, g * T, S)
-    mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill_(~visible, float("-inf"))
+    mask = masks.get((g, S, query.dtype))
+    if mask is None:  # every layer of one forward attends with the same mask
+        visible = own_mask[:, None, None, :, :S].expand(B, 1, g, T, S).reshape(B, 1, g * T, S)
+        mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill_(~visible, float("-inf"))
+        masks[(g, S, query.dtype)] = mask
     out, lse = _attend(q, key, value, mask, scale)  # every row over its own keys
     out = out.float()
     idx = module.layer_idx

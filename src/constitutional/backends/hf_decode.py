@@ -88,7 +88,6 @@ class ContinuousDecoder:
         self.waiting: deque[_Row] = deque()
         self.left: dict[int, list] = {}  # id(request) -> [results by sample, samples left]
         self.on_done = on_done
-        self.prefixes = {}
         self.active: list[_Row] = []  # rows in slot order
         self.logits = None  # (B, vocab) float32: the next token's logits of every live row
         self.submitted = 0
@@ -203,7 +202,7 @@ class ContinuousDecoder:
         row's prefix cache and its own columns."""
         b, s = self.b, self.store
         n = len(row.ids) - 1
-        if row.col < 0 or n < b.cascade_min_prefix or not b.cascade_ok or not b.prefix_cache:
+        if row.col < 0 or n < b.cascade_min_prefix or not b.cascade_ok:  # cascade_ok: prefix caching on
             return
         key = tuple(row.ids[:n])
         if key in b._prefix_kv:
